@@ -42,6 +42,19 @@ pub(crate) fn take_bytes(input: &[u8], n: usize) -> PResult<'_, &[u8]> {
     nom::bytes::complete::take(n)(input)
 }
 
+/// A decoded field in a language-neutral form, for golden vectors and diagnostics: integers,
+/// booleans, bytes (hex), text (names, addresses, enum variants), lists, absence and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldValue {
+    Int(u64),
+    Bool(bool),
+    Hex(Vec<u8>),
+    Text(String),
+    List(Vec<FieldValue>),
+    Absent,
+    Record(Vec<(&'static str, FieldValue)>),
+}
+
 /// A value with one exact wire encoding.
 pub trait WireField: Sized {
     /// The exact number of bytes [`WireField::encode`] writes.
@@ -50,6 +63,8 @@ pub trait WireField: Sized {
     fn encode<B: BufMut>(&self, buf: &mut B);
     /// Reads one value from the front of `input`.
     fn decode(input: &[u8]) -> PResult<'_, Self>;
+    /// The value in language-neutral form (secret keys included: vectors need them).
+    fn describe(&self) -> FieldValue;
 }
 
 macro_rules! int_field {
@@ -63,6 +78,9 @@ macro_rules! int_field {
             }
             fn decode(input: &[u8]) -> PResult<'_, Self> {
                 $get(input)
+            }
+            fn describe(&self) -> FieldValue {
+                FieldValue::Int(u64::from(*self))
             }
         }
     };
@@ -87,6 +105,9 @@ impl WireField for bool {
             _ => fail(Malformed::InvalidFlag),
         }
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Bool(*self)
+    }
 }
 
 impl<const N: usize> WireField for [u8; N] {
@@ -102,6 +123,9 @@ impl<const N: usize> WireField for [u8; N] {
         out.copy_from_slice(b);
         Ok((rest, out))
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Hex(self.to_vec())
+    }
 }
 
 impl WireField for Ipv4Addr {
@@ -115,6 +139,9 @@ impl WireField for Ipv4Addr {
         let (rest, o) = <[u8; 4]>::decode(input)?;
         Ok((rest, Ipv4Addr::from(o)))
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Text(self.to_string())
+    }
 }
 
 impl WireField for Ipv6Addr {
@@ -127,6 +154,9 @@ impl WireField for Ipv6Addr {
     fn decode(input: &[u8]) -> PResult<'_, Self> {
         let (rest, o) = <[u8; 16]>::decode(input)?;
         Ok((rest, Ipv6Addr::from(o)))
+    }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Text(self.to_string())
     }
 }
 
@@ -152,6 +182,10 @@ impl<T: WireField> WireField for Option<T> {
         } else {
             Ok((rest, None))
         }
+    }
+    fn describe(&self) -> FieldValue {
+        self.as_ref()
+            .map_or(FieldValue::Absent, WireField::describe)
     }
 }
 
@@ -235,6 +269,9 @@ impl WireField for TransportAddr {
             _ => fail(Malformed::InvalidAddressFamily),
         }
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Text(self.0.to_string())
+    }
 }
 
 /// A list of transport addresses: a count byte (at most [`AddrList::MAX`]) then each address.
@@ -292,6 +329,9 @@ impl WireField for AddrList {
             rest = r;
         }
         Ok((rest, AddrList(v)))
+    }
+    fn describe(&self) -> FieldValue {
+        FieldValue::List(self.0.iter().map(WireField::describe).collect())
     }
 }
 
@@ -375,6 +415,9 @@ impl WireField for Fqdn {
             Err(_) => fail(Malformed::InvalidName),
         }
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Text(self.0.clone())
+    }
 }
 
 /// An account name at the AS: 1 to 64 printable ASCII bytes (0x21 to 0x7e).
@@ -428,6 +471,9 @@ impl WireField for Account {
             Err(_) => fail(Malformed::InvalidName),
         }
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Text(self.0.clone())
+    }
 }
 
 /// Opaque bytes with a 16-bit length prefix, at most [`Blob::MAX_LEN`] bytes (so that every
@@ -478,6 +524,9 @@ impl WireField for Blob {
         let (rest, b) = take_bytes(rest, usize::from(n))?;
         Ok((rest, Blob(b.to_vec())))
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Hex(self.0.clone())
+    }
 }
 
 /// A 256-bit secret key. Zeroized on drop, compared in constant time, never printed.
@@ -522,6 +571,9 @@ impl WireField for SecretKey {
         k.copy_from_slice(b);
         Ok((rest, SecretKey(k)))
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Hex(self.0.to_vec())
+    }
 }
 
 /// An X25519 public key as carried on the wire (validated when used, not when parsed).
@@ -537,12 +589,15 @@ pub struct Extension {
 impl Extension {
     /// The bit that marks an extension a receiver must understand.
     pub const CRITICAL: u16 = 0x8000;
+    /// PADDING (non-critical, value ignored): makes a request at least as long as its answer, so
+    /// an unauthenticated request can never be amplified (CONFIG_REQUEST).
+    pub const PADDING: u16 = 0x0001;
 }
 
 /// The extension area that ends every message body: zero or more `(type u16, length u16, value)`
-/// entries in strictly ascending type order, up to the end of the body. Version 1 defines no
-/// extensions: a receiver keeps unknown non-critical ones (so re-encoding reproduces the bytes)
-/// and rejects unknown critical ones.
+/// entries in strictly ascending type order, up to the end of the body. Version 1 defines only
+/// [`Extension::PADDING`]: a receiver keeps unknown non-critical ones (so re-encoding reproduces
+/// the bytes) and rejects unknown critical ones.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Extensions(Vec<Extension>);
 
@@ -605,6 +660,21 @@ impl Extensions {
 
     pub(crate) fn encoded_len(&self) -> usize {
         self.0.iter().map(|e| 4 + e.value.len()).sum()
+    }
+
+    /// The extensions in language-neutral form: a list of `[type, value]` records.
+    pub fn describe(&self) -> FieldValue {
+        FieldValue::List(
+            self.0
+                .iter()
+                .map(|e| {
+                    FieldValue::Record(vec![
+                        ("type", FieldValue::Int(u64::from(e.ext_type))),
+                        ("value", FieldValue::Hex(e.value.clone())),
+                    ])
+                })
+                .collect(),
+        )
     }
 
     pub(crate) fn encode<B: BufMut>(&self, buf: &mut B) {

@@ -42,8 +42,8 @@ pub mod replay;
 pub mod signaling;
 
 pub use codec::{
-    Account, AddrList, Blob, Extension, Extensions, Fqdn, PublicKeyBytes, SecretKey, TransportAddr,
-    WireField,
+    Account, AddrList, Blob, Extension, Extensions, FieldValue, Fqdn, PublicKeyBytes, SecretKey,
+    TransportAddr, WireField,
 };
 pub use crypto::{AeadKey, TunnelKeys};
 pub use data::{open_data, seal_data, DataPacket, DATA_HEADER_LEN, DATA_OVERHEAD, DATA_TYPE};

@@ -7,10 +7,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use bytes::BufMut;
 
 use crate::codec::{
-    fail, Account, AddrList, Blob, ExtError, Extensions, FieldError, Fqdn, PResult, PublicKeyBytes,
-    SecretKey, TransportAddr, WireField,
+    fail, Account, AddrList, Blob, ExtError, Extensions, FieldError, FieldValue, Fqdn, PResult,
+    PublicKeyBytes, SecretKey, TransportAddr, WireField,
 };
-use crate::error::{Malformed, WireError};
+use crate::error::{ApiMisuse, Malformed, WireError};
 
 /// Whether a message type's header carries an X25519 ephemeral public key after the fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,9 @@ macro_rules! wire_enum {
                     Some(e) => Ok((rest, e)),
                     None => fail(Malformed::InvalidEnum),
                 }
+            }
+            fn describe(&self) -> FieldValue {
+                FieldValue::Text(format!("{:?}", self))
             }
         }
     };
@@ -302,6 +305,18 @@ impl WireField for NodeInfo {
             },
         ))
     }
+    fn describe(&self) -> FieldValue {
+        FieldValue::Record(vec![
+            ("fqdn", self.fqdn.describe()),
+            ("virtual_v4", self.virtual_v4.describe()),
+            ("virtual_v6", self.virtual_v6.describe()),
+            ("observed_addr", self.observed_addr.describe()),
+            ("local_addrs", self.local_addrs.describe()),
+            ("nat", self.nat.describe()),
+            ("public_key", self.public_key.describe()),
+            ("notification", self.notification.describe()),
+        ])
+    }
 }
 
 macro_rules! catalogue {
@@ -377,6 +392,14 @@ macro_rules! catalogue {
                     self.extensions.encode(buf);
                 }
 
+                /// The fields in wire order, in language-neutral form, extensions last.
+                pub fn fields(&self) -> Vec<(&'static str, FieldValue)> {
+                    vec![
+                        $( (stringify!($field), WireField::describe(&self.$field)), )*
+                        ("extensions", self.extensions.describe()),
+                    ]
+                }
+
                 fn decode_body(input: &[u8]) -> Result<Self, WireError> {
                     let rest = input;
                     $(
@@ -418,10 +441,23 @@ macro_rules! catalogue {
             }
 
             /// Writes the body. The caller guarantees `buf.remaining_mut() >= self.body_len()`.
-            pub(crate) fn encode_body<B: BufMut>(&self, buf: &mut B) {
+            pub(crate) fn write_body<B: BufMut>(&self, buf: &mut B) {
                 match self {
                     $(Message::$name(m) => m.encode_body(buf),)*
                 }
+            }
+
+            /// Writes the plaintext body (fields and extensions, no header, no tag).
+            pub fn encode_body<B: BufMut>(&self, buf: &mut B) -> Result<(), ApiMisuse> {
+                let needed = self.body_len();
+                if buf.remaining_mut() < needed {
+                    return Err(ApiMisuse::BufferTooSmall {
+                        needed,
+                        available: buf.remaining_mut(),
+                    });
+                }
+                self.write_body(buf);
+                Ok(())
             }
 
             /// Decodes a plaintext body of the given type.
@@ -434,6 +470,25 @@ macro_rules! catalogue {
             pub fn extensions(&self) -> &Extensions {
                 match self {
                     $(Message::$name(m) => &m.extensions,)*
+                }
+            }
+
+            /// The fields in wire order, in language-neutral form (see [`FieldValue`]).
+            pub fn fields(&self) -> Vec<(&'static str, FieldValue)> {
+                match self {
+                    $(Message::$name(m) => m.fields(),)*
+                }
+            }
+
+            /// Generates a message of the given type from fuzzer or property-test input.
+            #[cfg(feature = "arbitrary")]
+            pub fn arbitrary_of_type(
+                msg_type: MessageType,
+                u: &mut arbitrary::Unstructured<'_>,
+            ) -> arbitrary::Result<Message> {
+                use arbitrary::Arbitrary;
+                match msg_type {
+                    $(MessageType::$name => $name::arbitrary(u).map(Message::$name),)*
                 }
             }
         }
@@ -582,8 +637,6 @@ catalogue! {
         sender_fqdn: Fqdn,
         sender_virtual_v4: Ipv4Addr,
         sender_virtual_v6: Ipv6Addr,
-        /// A route-optimization probe of the direct path while the relay carries the data.
-        probe: bool,
     }
     /// Node → node. Completes the tunnel: the responder's ephemeral key.
     0x41 => TunnelResponse("TUNNEL_RESPONSE", Forbidden) {

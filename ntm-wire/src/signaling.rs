@@ -273,7 +273,7 @@ fn write_unsealed(
         out[HEADER_LEN..prefix_len].copy_from_slice(k);
     }
     let mut body = &mut out[prefix_len..prefix_len + msg.body_len()];
-    msg.encode_body(&mut body);
+    msg.write_body(&mut body);
     Ok((prefix_len, prefix_len + msg.body_len()))
 }
 
