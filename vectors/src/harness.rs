@@ -8,8 +8,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 use ntm_wire::message::EphemeralRule;
 use ntm_wire::{
-    classify, crypto, open_data, open_signaling, seal_data, signaling::stream, AeadKey, Datagram,
-    DataPacket, Envelope, Message, MessageType, ReplayWindow, SecretKey, SignalingPacket,
+    classify, crypto, open_data, open_signaling, seal_data, signaling::stream, AeadKey, DataPacket,
+    Datagram, Envelope, Message, MessageType, ReplayWindow, SecretKey, SignalingPacket,
     DATA_HEADER_LEN, DATA_OVERHEAD,
 };
 
@@ -108,14 +108,24 @@ pub fn data_open(data: &[u8]) {
         let inner = &data[2..];
         let mut pkt = vec![0u8; inner.len() + DATA_OVERHEAD];
         pkt[DATA_HEADER_LEN..DATA_HEADER_LEN + inner.len()].copy_from_slice(inner);
-        let n = seal_data(&fixed_key(), 7, u64::from(data[0]), false, &mut pkt, inner.len())
-            .expect("buffer sized for the packet");
+        let n = seal_data(
+            &fixed_key(),
+            7,
+            u64::from(data[0]),
+            false,
+            &mut pkt,
+            inner.len(),
+        )
+        .expect("buffer sized for the packet");
         let mut opened = pkt.clone();
         let r = open_data(&fixed_key(), &mut opened).expect("own packet opens");
         assert_eq!(&opened[r], inner);
         let i = flip % (8 * n);
         pkt[i / 8] ^= 1 << (i % 8);
-        assert!(open_data(&fixed_key(), &mut pkt).is_err(), "bit {i} flip accepted");
+        assert!(
+            open_data(&fixed_key(), &mut pkt).is_err(),
+            "bit {i} flip accepted"
+        );
     }
 }
 
@@ -143,7 +153,10 @@ pub fn sealed_box(data: &[u8]) {
         eph[0] = b;
     }
     if let Ok(boxed) = crypto::seal_box(&recipient, &eph, data) {
-        assert_eq!(crypto::open_box(&FIXED_BOX_SECRET, &boxed).expect("opens"), data);
+        assert_eq!(
+            crypto::open_box(&FIXED_BOX_SECRET, &boxed).expect("opens"),
+            data
+        );
     }
 }
 
@@ -176,5 +189,8 @@ pub fn roundtrip(data: &[u8]) {
     assert_eq!(h.envelope, env);
     let mut body = Vec::new();
     msg.encode_body(&mut body).expect("a Vec grows");
-    assert_eq!(Message::decode_body(t, &body).expect("own body decodes"), msg);
+    assert_eq!(
+        Message::decode_body(t, &body).expect("own body decodes"),
+        msg
+    );
 }

@@ -6,8 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ntm_wire::message::*;
 use ntm_wire::{
-    Account, AddrList, Blob, Envelope, Extension, Extensions, Fqdn, Role, SecretKey,
-    TransportAddr,
+    Account, AddrList, Blob, Envelope, Extension, Extensions, Fqdn, Role, SecretKey, TransportAddr,
 };
 
 /// A sample: file stem, message, envelope, and the key sealing it (`None`: sent unsealed).

@@ -25,6 +25,10 @@ fn every_committed_fuzz_input_replays_without_a_finding() {
         }
     }
     // The corpora are committed: finding none means the replay lost its inputs.
-    assert!(replayed > 0, "no fuzz inputs found under {}", fuzz.display());
+    assert!(
+        replayed > 0,
+        "no fuzz inputs found under {}",
+        fuzz.display()
+    );
     eprintln!("replayed {replayed} fuzz inputs");
 }

@@ -22,7 +22,10 @@ fn load(sub: &str) -> Vec<(String, Table)> {
         .map(|p| {
             let text = fs::read_to_string(&p).expect("readable");
             let t: Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            (p.file_stem().expect("stem").to_string_lossy().into_owned(), t)
+            (
+                p.file_stem().expect("stem").to_string_lossy().into_owned(),
+                t,
+            )
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -30,16 +33,24 @@ fn load(sub: &str) -> Vec<(String, Table)> {
 }
 
 fn hexf(t: &Table, k: &str) -> Vec<u8> {
-    let s = t.get(k).and_then(Value::as_str).unwrap_or_else(|| panic!("missing hex field {k}"));
+    let s = t
+        .get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("missing hex field {k}"));
     hex::decode(s).unwrap_or_else(|e| panic!("{k}: {e}"))
 }
 
 fn h32(t: &Table, k: &str) -> [u8; 32] {
-    hexf(t, k).try_into().unwrap_or_else(|_| panic!("{k} is not 32 bytes"))
+    hexf(t, k)
+        .try_into()
+        .unwrap_or_else(|_| panic!("{k} is not 32 bytes"))
 }
 
 fn int(t: &Table, k: &str) -> u64 {
-    let i = t.get(k).and_then(Value::as_integer).unwrap_or_else(|| panic!("missing int {k}"));
+    let i = t
+        .get(k)
+        .and_then(Value::as_integer)
+        .unwrap_or_else(|| panic!("missing int {k}"));
     u64::try_from(i).expect("non-negative")
 }
 
@@ -89,10 +100,17 @@ fn every_message_vector_decodes_to_its_fields_and_re_encodes_byte_exactly() {
             let mut buf = datagram.clone();
             let (h2, m) = open_signaling(&mut buf, &k).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(h2, h);
-            assert_eq!(m.seal_to_vec(&h.envelope, &k).expect("fits"), datagram, "{name}");
+            assert_eq!(
+                m.seal_to_vec(&h.envelope, &k).expect("fits"),
+                datagram,
+                "{name}"
+            );
             // Any other key fails.
             let mut buf = datagram.clone();
-            assert!(open_signaling(&mut buf, &key([0xee; 32])).is_err(), "{name}");
+            assert!(
+                open_signaling(&mut buf, &key([0xee; 32])).is_err(),
+                "{name}"
+            );
             m
         } else {
             let m = p.decode_plain().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -107,14 +125,21 @@ fn every_message_vector_decodes_to_its_fields_and_re_encodes_byte_exactly() {
         assert_eq!(body, hexf(&v, "body"), "{name}: body");
         assert_eq!(Message::decode_body(t, &body).expect("decodes"), msg);
         let fields = v["fields"].as_table().expect("fields table");
-        assert_eq!(&form::table(&msg.fields()), fields, "{name}: decoded fields differ");
+        assert_eq!(
+            &form::table(&msg.fields()),
+            fields,
+            "{name}: decoded fields differ"
+        );
     }
     let missing: Vec<_> = MessageType::ALL
         .iter()
         .filter(|t| !covered.contains(t))
         .map(|t| t.name())
         .collect();
-    assert!(missing.is_empty(), "message types without a vector: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "message types without a vector: {missing:?}"
+    );
 }
 
 #[test]
@@ -137,7 +162,15 @@ fn the_data_packet_vector_opens_and_re_seals_byte_exactly() {
     assert_eq!(buf[r], inner[..]);
     let mut again = vec![0u8; packet.len()];
     again[DATA_HEADER_LEN..DATA_HEADER_LEN + inner.len()].copy_from_slice(&inner);
-    seal_data(&k, p.path_id(), p.counter(), p.key_phase(), &mut again, inner.len()).expect("fits");
+    seal_data(
+        &k,
+        p.path_id(),
+        p.counter(),
+        p.key_phase(),
+        &mut again,
+        inner.len(),
+    )
+    .expect("fits");
     assert_eq!(again, packet);
 }
 
@@ -195,20 +228,32 @@ fn the_login_vector_re_derives_every_step() {
         v["account"].as_str().expect("text").as_bytes(),
     );
     assert_eq!(th.to_vec(), hexf(&v, "transcript"));
-    assert_eq!(crypto::login_key(&dh_es, &dh_ee, &th).expose().to_vec(), hexf(&v, "login_key"));
+    assert_eq!(
+        crypto::login_key(&dh_es, &dh_ee, &th).expose().to_vec(),
+        hexf(&v, "login_key")
+    );
     let auth = SecretKey::from_bytes(h32(&v, "auth_key"));
     assert_eq!(crypto::login_proof(&auth, &th).to_vec(), hexf(&v, "proof"));
     assert!(crypto::verify_login_proof(&auth, &th, &h32(&v, "proof")));
     // The auth key here is the one the auth_key vector derives from the password.
-    assert_eq!(hexf(&v, "auth_key"), hexf(&crypto_vector("auth_key"), "auth_key"));
+    assert_eq!(
+        hexf(&v, "auth_key"),
+        hexf(&crypto_vector("auth_key"), "auth_key")
+    );
 }
 
 #[test]
 fn the_node_derived_keys_vector_re_derives() {
     let v = crypto_vector("node_derived_keys");
     let k = SecretKey::from_bytes(h32(&v, "node_dc_key"));
-    assert_eq!(crypto::node_ns_key(&k).expose().to_vec(), hexf(&v, "node_ns_key"));
-    assert_eq!(crypto::node_cs_key(&k).expose().to_vec(), hexf(&v, "node_cs_key"));
+    assert_eq!(
+        crypto::node_ns_key(&k).expose().to_vec(),
+        hexf(&v, "node_ns_key")
+    );
+    assert_eq!(
+        crypto::node_cs_key(&k).expose().to_vec(),
+        hexf(&v, "node_cs_key")
+    );
 }
 
 #[test]
@@ -248,12 +293,33 @@ fn the_tunnel_keys_vector_re_derives_at_both_ends() {
     assert_eq!(pr, h32(&v, "responder_ephemeral_public"));
     let cred = SecretKey::from_bytes(h32(&v, "tunnel_credential"));
     let path_id = int(&v, "path_id") as u32;
-    let at_i = crypto::tunnel_keys(&crypto::x25519(&ei, &pr).expect("ok"), &cred, path_id, &pi, &pr);
-    let at_r = crypto::tunnel_keys(&crypto::x25519(&er, &pi).expect("ok"), &cred, path_id, &pi, &pr);
+    let at_i = crypto::tunnel_keys(
+        &crypto::x25519(&ei, &pr).expect("ok"),
+        &cred,
+        path_id,
+        &pi,
+        &pr,
+    );
+    let at_r = crypto::tunnel_keys(
+        &crypto::x25519(&er, &pi).expect("ok"),
+        &cred,
+        path_id,
+        &pi,
+        &pr,
+    );
     assert_eq!(at_i, at_r);
-    assert_eq!(crypto::x25519(&ei, &pr).expect("ok").to_vec(), hexf(&v, "dh_ee"));
-    assert_eq!(at_i.initiator_to_responder.expose().to_vec(), hexf(&v, "initiator_to_responder"));
-    assert_eq!(at_i.responder_to_initiator.expose().to_vec(), hexf(&v, "responder_to_initiator"));
+    assert_eq!(
+        crypto::x25519(&ei, &pr).expect("ok").to_vec(),
+        hexf(&v, "dh_ee")
+    );
+    assert_eq!(
+        at_i.initiator_to_responder.expose().to_vec(),
+        hexf(&v, "initiator_to_responder")
+    );
+    assert_eq!(
+        at_i.responder_to_initiator.expose().to_vec(),
+        hexf(&v, "responder_to_initiator")
+    );
     assert_eq!(at_i.control.expose().to_vec(), hexf(&v, "control"));
 }
 
@@ -265,8 +331,12 @@ fn the_sealed_box_vector_opens_and_re_seals() {
     let sealed = hexf(&v, "sealed");
     let plain = hexf(&v, "plaintext");
     assert_eq!(crypto::open_box(&r, &sealed).expect("opens"), plain);
-    let again = crypto::seal_box(&h32(&v, "recipient_public"), &h32(&v, "ephemeral_secret"), &plain)
-        .expect("contributory");
+    let again = crypto::seal_box(
+        &h32(&v, "recipient_public"),
+        &h32(&v, "ephemeral_secret"),
+        &plain,
+    )
+    .expect("contributory");
     assert_eq!(again, sealed);
 }
 

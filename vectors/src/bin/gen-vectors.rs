@@ -10,8 +10,7 @@ use std::path::Path;
 use ntm_wire::crypto;
 use ntm_wire::signaling::stream;
 use ntm_wire::{
-    seal_data, AeadKey, MessageType, ReplayWindow, Role, SecretKey, DATA_HEADER_LEN,
-    DATA_OVERHEAD,
+    seal_data, AeadKey, MessageType, ReplayWindow, Role, SecretKey, DATA_HEADER_LEN, DATA_OVERHEAD,
 };
 use toml::{Table, Value};
 use vectors::harness::{FIXED_BOX_SECRET, FIXED_KEY};
@@ -60,7 +59,10 @@ fn messages(dir: &Path, seeds: &Path, force: bool) {
         tab.insert("message".into(), Value::String(t.name().into()));
         tab.insert("type".into(), int(u64::from(t.to_u8())));
         tab.insert("sealed".into(), Value::Boolean(s.key.is_some()));
-        tab.insert("role".into(), Value::String(role_name(s.envelope.role).into()));
+        tab.insert(
+            "role".into(),
+            Value::String(role_name(s.envelope.role).into()),
+        );
         tab.insert("key_id".into(), int(u64::from(s.envelope.key_id)));
         tab.insert("seq".into(), int(s.envelope.seq));
         tab.insert("txid".into(), int(u64::from(s.envelope.txid)));
@@ -87,7 +89,10 @@ fn messages(dir: &Path, seeds: &Path, force: bool) {
         };
         tab.insert("body".into(), hx(&body));
         tab.insert("datagram".into(), hx(&datagram));
-        tab.insert("fields".into(), Value::Table(form::table(&s.message.fields())));
+        tab.insert(
+            "fields".into(),
+            Value::Table(form::table(&s.message.fields())),
+        );
         let header = format!(
             "# NTMobile golden vector: {} (0x{:02x}). See vectors/README.md. Frozen: do not edit.",
             t.name(),
@@ -184,17 +189,26 @@ fn seq32(start: u8) -> [u8; 32] {
 
 fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     fs::create_dir_all(dir).expect("mkdir");
-    let hdr = |what: &str| format!("# NTMobile golden vector: {what}. See spec/04-crypto.md. Frozen.");
+    let hdr =
+        |what: &str| format!("# NTMobile golden vector: {what}. See spec/04-crypto.md. Frozen.");
 
     // Password → auth key.
     let salt = [0x5au8; 16];
     let auth = crypto::auth_key(b"correct horse battery staple", &salt, 100_000);
     let mut t = Table::new();
-    t.insert("password".into(), Value::String("correct horse battery staple".into()));
+    t.insert(
+        "password".into(),
+        Value::String("correct horse battery staple".into()),
+    );
     t.insert("salt".into(), hx(&salt));
     t.insert("iterations".into(), int(100_000));
     t.insert("auth_key".into(), hx(auth.expose()));
-    write(&dir.join("auth_key.toml"), &hdr("password to auth key"), &t, force);
+    write(
+        &dir.join("auth_key.toml"),
+        &hdr("password to auth key"),
+        &t,
+        force,
+    );
 
     // Config key and login.
     let e_n = seq32(0x01);
@@ -229,7 +243,12 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("transcript".into(), hx(&th));
     t.insert("login_key".into(), hx(lk.expose()));
     t.insert("proof".into(), hx(&proof));
-    write(&dir.join("login.toml"), &hdr("configuration and login keys, login proof"), &t, force);
+    write(
+        &dir.join("login.toml"),
+        &hdr("configuration and login keys, login proof"),
+        &t,
+        force,
+    );
 
     // Keys derived from the node↔DC key.
     let ndc = SecretKey::from_bytes(seq32(0x10));
@@ -237,7 +256,12 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("node_dc_key".into(), hx(ndc.expose()));
     t.insert("node_ns_key".into(), hx(crypto::node_ns_key(&ndc).expose()));
     t.insert("node_cs_key".into(), hx(crypto::node_cs_key(&ndc).expose()));
-    write(&dir.join("node_derived_keys.toml"), &hdr("node-NS and node-CS keys"), &t, force);
+    write(
+        &dir.join("node_derived_keys.toml"),
+        &hdr("node-NS and node-CS keys"),
+        &t,
+        force,
+    );
 
     // DC↔DC bootstrap.
     let (e_a, s_a, s_b) = (seq32(0x61), seq32(0x81), seq32(0xa1));
@@ -259,7 +283,12 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("dh_es".into(), hx(es.as_ref()));
     t.insert("dh_ss".into(), hx(ss.as_ref()));
     t.insert("bootstrap_key".into(), hx(bk.expose()));
-    write(&dir.join("dc_bootstrap.toml"), &hdr("DC-DC bootstrap key"), &t, force);
+    write(
+        &dir.join("dc_bootstrap.toml"),
+        &hdr("DC-DC bootstrap key"),
+        &t,
+        force,
+    );
 
     // Tunnel keys.
     let (ei, er) = (seq32(0xc1), seq32(0xe1));
@@ -275,10 +304,21 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("tunnel_credential".into(), hx(cred.expose()));
     t.insert("path_id".into(), int(0x1234_5678));
     t.insert("dh_ee".into(), hx(dh.as_ref()));
-    t.insert("initiator_to_responder".into(), hx(tk.initiator_to_responder.expose()));
-    t.insert("responder_to_initiator".into(), hx(tk.responder_to_initiator.expose()));
+    t.insert(
+        "initiator_to_responder".into(),
+        hx(tk.initiator_to_responder.expose()),
+    );
+    t.insert(
+        "responder_to_initiator".into(),
+        hx(tk.responder_to_initiator.expose()),
+    );
     t.insert("control".into(), hx(tk.control.expose()));
-    write(&dir.join("tunnel_keys.toml"), &hdr("end-to-end tunnel keys"), &t, force);
+    write(
+        &dir.join("tunnel_keys.toml"),
+        &hdr("end-to-end tunnel keys"),
+        &t,
+        force,
+    );
 
     // Sealed box.
     let r = FIXED_BOX_SECRET;
@@ -291,14 +331,21 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("ephemeral_secret".into(), hx(&eph));
     t.insert("plaintext".into(), hx(&plain));
     t.insert("sealed".into(), hx(&boxed));
-    write(&dir.join("sealed_box.toml"), &hdr("sealed box to a static key"), &t, force);
+    write(
+        &dir.join("sealed_box.toml"),
+        &hdr("sealed box to a static key"),
+        &t,
+        force,
+    );
     let d = seeds.join("sealed_box");
     fs::create_dir_all(&d).expect("mkdir");
     fs::write(d.join("sealed_box"), &boxed).expect("writable seeds");
 
     // Replay window: a sequence of counters and what the window says to each.
     let mut w = ReplayWindow::new();
-    let counters: Vec<u64> = vec![0, 1, 1, 5, 3, 3, 10_000, 1_809, 1_808, 10_000, 9_999, 20_000, 11_808];
+    let counters: Vec<u64> = vec![
+        0, 1, 1, 5, 3, 3, 10_000, 1_809, 1_808, 10_000, 9_999, 20_000, 11_808,
+    ];
     let results: Vec<Value> = counters
         .iter()
         .map(|&c| {
@@ -315,9 +362,17 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
         .collect();
     let mut t = Table::new();
     t.insert("window".into(), int(ReplayWindow::SIZE));
-    t.insert("counters".into(), Value::Array(counters.iter().map(|&c| int(c)).collect()));
+    t.insert(
+        "counters".into(),
+        Value::Array(counters.iter().map(|&c| int(c)).collect()),
+    );
     t.insert("results".into(), Value::Array(results));
-    write(&dir.join("replay_window.toml"), &hdr("replay window decisions"), &t, force);
+    write(
+        &dir.join("replay_window.toml"),
+        &hdr("replay window decisions"),
+        &t,
+        force,
+    );
 }
 
 fn main() {
