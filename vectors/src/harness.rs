@@ -24,8 +24,11 @@ pub const FIXED_KEY: [u8; 32] = [0x5a; 32];
 /// A static X25519 secret for the sealed-box target.
 pub const FIXED_BOX_SECRET: [u8; 32] = [0x33; 32];
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The names of all targets, as directories under `fuzz/corpus/` and `fuzz/regressions/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("datagram", datagram),
     ("signaling_header", signaling_header),
     ("message_body", message_body),
