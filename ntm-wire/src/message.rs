@@ -662,12 +662,17 @@ catalogue! {
         ttl_s: u32,
         blob: Blob,
     }
-    /// Node → CS. Asks for blobs held for the sender.
+    /// Node → CS. Asks for blobs held for the sender, and releases those it has received.
     0x51 => CacheFetch("CACHE_FETCH", Forbidden) {
         max_items: u8,
+        /// The CS deletes every blob for this node with `item_id` up to this one (0: none), so
+        /// delivery is at least once and never silently lost.
+        acknowledged_through: u64,
     }
     /// CS → node. One held blob.
     0x52 => CacheData("CACHE_DATA", Forbidden) {
+        /// Increasing per recipient; acknowledged by the next CACHE_FETCH.
+        item_id: u64,
         sender_fqdn: Fqdn,
         age_s: u32,
         /// Blobs still held after this one.

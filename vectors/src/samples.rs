@@ -444,6 +444,7 @@ pub fn all() -> Vec<Sample> {
             name: "cache_fetch",
             message: CacheFetch {
                 max_items: 8,
+                acknowledged_through: 0,
                 extensions: no_ext(),
             }
             .into(),
@@ -453,6 +454,7 @@ pub fn all() -> Vec<Sample> {
         Sample {
             name: "cache_data",
             message: CacheData {
+                item_id: 1,
                 sender_fqdn: fqdn("mn.dc1.example"),
                 age_s: 3_600,
                 remaining: 0,
