@@ -84,6 +84,9 @@ pub enum WireError {
     /// The header's length field disagrees with the datagram's size.
     #[error("length field says {declared} bytes, datagram carries {actual}")]
     LengthMismatch { declared: usize, actual: usize },
+    /// The datagram is longer than any valid signaling datagram.
+    #[error("datagram of {len} bytes exceeds the {max}-byte limit")]
+    Oversized { len: usize, max: usize },
     /// The flags do not fit the message type (a message that must be sealed arrived in the clear).
     #[error("message 0x{msg_type:02x} arrived with the wrong protection")]
     WrongProtection { msg_type: u8 },

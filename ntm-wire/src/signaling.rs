@@ -145,10 +145,16 @@ impl<'a> SignalingPacket<'a> {
                 msg_type: raw.msg_type,
             });
         }
+        if buf.len() > MAX_SIGNALING_LEN {
+            return Err(WireError::Oversized {
+                len: buf.len(),
+                max: MAX_SIGNALING_LEN,
+            });
+        }
         let prefix_len = HEADER_LEN + if has_eph { EPHEMERAL_LEN } else { 0 };
         let body_len = usize::from(raw.body_len.get());
         let declared = prefix_len + body_len;
-        if declared != buf.len() || buf.len() > MAX_SIGNALING_LEN {
+        if declared != buf.len() {
             return Err(WireError::LengthMismatch {
                 declared,
                 actual: buf.len(),
@@ -387,5 +393,117 @@ pub mod stream {
             return Ok(None);
         }
         Ok(Some((FRAME_PREFIX_LEN, FRAME_PREFIX_LEN + len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::SecretKey;
+    use crate::message::{Ack, Error as ErrorMsg, ErrorCode};
+    use crate::Extensions;
+
+    fn key() -> AeadKey {
+        AeadKey::new(&SecretKey::from_bytes([7; 32]))
+    }
+
+    fn env() -> Envelope {
+        Envelope {
+            role: Role::B,
+            key_id: 9,
+            seq: 3,
+            txid: 4,
+            ephemeral: None,
+        }
+    }
+
+    fn ack() -> Message {
+        Ack {
+            acked_type: 0x30,
+            extensions: Extensions::none(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn each_header_defect_has_its_own_error() {
+        let good = ack().seal_to_vec(&env(), &key()).unwrap();
+        assert!(SignalingPacket::parse(&good).is_ok());
+        let with = |i: usize, v: u8| {
+            let mut b = good.clone();
+            b[i] = v;
+            SignalingPacket::parse(&b).unwrap_err()
+        };
+        assert_eq!(with(0, 0x7f), WireError::UnknownType(0x7f));
+        assert_eq!(with(1, 2), WireError::UnsupportedVersion(2));
+        assert_eq!(with(2, 0x80), WireError::ReservedBits);
+        assert_eq!(with(3, 0x0d), WireError::ReservedBits); // role 3
+        assert_eq!(with(23, 1), WireError::ReservedBits);
+        assert_eq!(with(3, 0x04), WireError::WrongProtection { msg_type: 0x60 }); // unsealed ACK
+        assert_eq!(with(3, 0x03), WireError::WrongProtection { msg_type: 0x60 }); // ephemeral
+        assert!(matches!(with(21, 0x20), WireError::LengthMismatch { .. }));
+        let mut long = good.clone();
+        long.resize(MAX_SIGNALING_LEN + 1, 0);
+        assert!(matches!(
+            SignalingPacket::parse(&long),
+            Err(WireError::Oversized { .. })
+        ));
+    }
+
+    #[test]
+    fn only_error_may_travel_unsealed() {
+        let mut out = [0u8; 64];
+        assert!(matches!(
+            ack().encode_plain_into(&env(), &mut out),
+            Err(ApiMisuse::WrongProtection { .. })
+        ));
+        let err: Message = ErrorMsg {
+            code: ErrorCode::UnknownKey,
+            failed_type: 0x30,
+            retry_after_ms: 0,
+            extensions: Extensions::none(),
+        }
+        .into();
+        let n = err.encode_plain_into(&env(), &mut out).unwrap();
+        assert_eq!(
+            n, 31,
+            "an unsealed ERROR is 31 bytes (spec/07 anti-amplification)"
+        );
+        let p = SignalingPacket::parse(&out[..n]).unwrap();
+        assert_eq!(p.decode_plain().unwrap(), err);
+    }
+
+    #[test]
+    fn a_message_opened_with_another_role_in_the_nonce_fails() {
+        // The role is both in the header (authenticated) and the nonce: changing it breaks the tag.
+        let mut b = ack().seal_to_vec(&env(), &key()).unwrap();
+        b[3] = (b[3] & !0x0c) | ((Role::A as u8) << 2);
+        assert_eq!(
+            open_signaling(&mut b, &key()).unwrap_err(),
+            WireError::AuthenticationFailed
+        );
+    }
+
+    #[test]
+    fn a_short_buffer_is_api_misuse_not_a_panic() {
+        let mut out = [0u8; 10];
+        assert_eq!(
+            ack().seal_into(&env(), &key(), &mut out),
+            Err(ApiMisuse::BufferTooSmall {
+                needed: 41,
+                available: 10
+            })
+        );
+    }
+
+    #[test]
+    fn frames_are_found_whole_or_asked_for() {
+        assert_eq!(stream::next_frame(&[0]), Ok(None));
+        assert_eq!(stream::next_frame(&[0, 3, 1, 2]), Ok(None));
+        assert_eq!(stream::next_frame(&[0, 3, 1, 2, 3, 9]), Ok(Some((2, 5))));
+        assert!(stream::next_frame(&[0, 0]).is_err());
+        assert!(stream::next_frame(&[0xff, 0xff]).is_err());
+        assert!(stream::frame_prefix(0).is_err());
+        assert_eq!(stream::frame_prefix(300), Ok([1, 44]));
     }
 }
