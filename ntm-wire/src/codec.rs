@@ -476,13 +476,14 @@ impl WireField for Account {
     }
 }
 
-/// Opaque bytes with a 16-bit length prefix, at most [`Blob::MAX_LEN`] bytes (so that every
-/// signaling datagram fits in the IPv6 minimum MTU).
+/// Opaque bytes with a 16-bit length prefix, at most [`Blob::MAX_LEN`] bytes: small enough that
+/// the largest message carrying one (CACHE_DATA with a 253-byte name) stays within the 1232-byte
+/// signaling limit.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Blob(Vec<u8>);
 
 impl Blob {
-    pub const MAX_LEN: usize = 1024;
+    pub const MAX_LEN: usize = 900;
 
     pub fn new(bytes: Vec<u8>) -> Result<Self, ApiMisuse> {
         if bytes.len() > Self::MAX_LEN {

@@ -140,6 +140,9 @@ wire_enum! {
         Direct = 1,
         /// Through a relay server.
         Relay = 2,
+        /// The peer is registered but unreachable now: no tunnel; the node may seal data to
+        /// `peer_public_key` and leave it at its cache server. Path ID 0, no addresses.
+        Offline = 3,
     }
 }
 
@@ -376,7 +379,8 @@ macro_rules! catalogue {
             #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
             pub struct $name {
                 $( $(#[doc = $fdoc])* pub $field: $ty, )*
-                /// The extension area (version 1 defines none; unknown non-critical ones are kept).
+                /// The extension area (version 1 defines only PADDING; unknown non-critical
+                /// extensions are kept).
                 pub extensions: Extensions,
             }
 
@@ -577,6 +581,8 @@ catalogue! {
         peer_fqdn: Fqdn,
         peer_virtual_v4: Ipv4Addr,
         peer_virtual_v6: Ipv6Addr,
+        /// The peer's static X25519 key (for sealed cache blobs; see RouteKind::Offline).
+        peer_public_key: PublicKeyBytes,
         /// Where to send tunnel requests to the peer directly (observed first, then local).
         peer_addrs: AddrList,
         /// The relay's addresses (empty for a direct route).

@@ -12,8 +12,8 @@ const BLOCK_BITS: u64 = 64;
 /// Blocks in the ring: the window plus one block of slack that is being recycled.
 const BLOCKS: usize = (ReplayWindow::SIZE / BLOCK_BITS) as usize + 1;
 
-/// Counters at or beyond this value are refused: the key must be replaced before then.
-pub const REJECT_AFTER_COUNTER: u64 = u64::MAX - (1 << 13);
+/// Counters at or beyond this value (2^64 - 2^13) are refused: the key must be replaced before.
+pub const REJECT_AFTER_COUNTER: u64 = u64::MAX - (1 << 13) + 1;
 
 /// A per-key receive window of 8192 counters.
 #[derive(Clone)]
@@ -145,6 +145,8 @@ mod tests {
     #[test]
     fn the_last_counters_of_a_key_are_refused() {
         let w = ReplayWindow::new();
+        assert_eq!(REJECT_AFTER_COUNTER, 0u64.wrapping_sub(1 << 13));
+        assert_eq!(w.check(REJECT_AFTER_COUNTER - 1), Ok(()));
         assert_eq!(w.check(REJECT_AFTER_COUNTER), Err(Replay::Exhausted));
         assert_eq!(w.check(u64::MAX), Err(Replay::Exhausted));
     }

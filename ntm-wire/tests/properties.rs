@@ -242,3 +242,54 @@ fn data_packets_round_trip_and_replays_are_caught() {
     }
     qc().quickcheck(prop as fn(Vec<u8>, u32, u32, bool) -> TestResult);
 }
+
+#[test]
+fn the_largest_messages_with_the_longest_names_fit_the_signaling_limit() {
+    use ntm_wire::message::{CacheData, CacheStore, Notification, NotifyReason};
+    use ntm_wire::{Blob, Envelope, Fqdn, Role, MAX_SIGNALING_LEN};
+    let long = [&"a".repeat(63)[..]; 4].join(".") + "." + &"b".repeat(61); // 253 bytes
+    let name = Fqdn::new(&long).unwrap();
+    assert_eq!(name.as_str().len(), 253);
+    let blob = Blob::new(vec![0xab; Blob::MAX_LEN]).unwrap();
+    let env = Envelope {
+        role: Role::A,
+        key_id: 1,
+        seq: u64::MAX,
+        txid: u32::MAX,
+        ephemeral: None,
+    };
+    let msgs: [Message; 3] = [
+        CacheStore {
+            recipient_fqdn: name.clone(),
+            ttl_s: u32::MAX,
+            blob: blob.clone(),
+            extensions: Extensions::none(),
+        }
+        .into(),
+        CacheData {
+            item_id: u64::MAX,
+            sender_fqdn: name,
+            age_s: u32::MAX,
+            remaining: u16::MAX,
+            blob: blob.clone(),
+            extensions: Extensions::none(),
+        }
+        .into(),
+        Notification {
+            node_key_id: u32::MAX,
+            reason: NotifyReason::Signaling,
+            payload: blob,
+            extensions: Extensions::none(),
+        }
+        .into(),
+    ];
+    for m in msgs {
+        let len = m.datagram_len(&env, true);
+        assert!(
+            len <= MAX_SIGNALING_LEN,
+            "{} is {len} bytes",
+            m.msg_type().name()
+        );
+        assert!(m.seal_to_vec(&env, &key()).is_ok());
+    }
+}
