@@ -686,9 +686,11 @@ impl Extensions {
         }
     }
 
-    /// Decodes the whole remainder of a body as the extension area.
+    /// Decodes the whole remainder of a body as the extension area. The area is checked as a
+    /// whole first, so a malformed area is reported as such even if it holds a critical entry.
     pub(crate) fn decode_all(mut input: &[u8]) -> Result<Self, ExtError> {
         let mut v: Vec<Extension> = Vec::new();
+        let mut critical = None;
         while !input.is_empty() {
             if input.len() < 4 {
                 return Err(ExtError::Malformed(Malformed::Truncated));
@@ -705,11 +707,11 @@ impl Extensions {
             if v.last().is_some_and(|last| last.ext_type >= t) {
                 return Err(ExtError::Malformed(Malformed::ExtensionOrder));
             }
-            if t & Extension::CRITICAL != 0 {
-                return Err(ExtError::UnknownCritical(t));
-            }
             if v.len() == Self::MAX_COUNT {
                 return Err(ExtError::Malformed(Malformed::TooLong));
+            }
+            if t & Extension::CRITICAL != 0 && critical.is_none() {
+                critical = Some(t);
             }
             v.push(Extension {
                 ext_type: t,
@@ -717,7 +719,10 @@ impl Extensions {
             });
             input = &rest[n..];
         }
-        Ok(Extensions(v))
+        match critical {
+            Some(t) => Err(ExtError::UnknownCritical(t)),
+            None => Ok(Extensions(v)),
+        }
     }
 }
 
@@ -868,6 +873,11 @@ mod tests {
         ));
         assert!(matches!(
             Extensions::decode_all(&[0, 1, 0, 5, 1]),
+            Err(ExtError::Malformed(Malformed::ExtensionOverrun))
+        ));
+        // A critical entry followed by an overrun is malformed, not "unknown critical".
+        assert!(matches!(
+            Extensions::decode_all(&[0x80, 1, 0, 0, 0x80, 2, 0, 9]),
             Err(ExtError::Malformed(Malformed::ExtensionOverrun))
         ));
         let e = Extensions::decode_all(&[0, 1, 0, 1, 9, 0, 7, 0, 0]).unwrap();

@@ -126,10 +126,27 @@ pub fn x25519(secret: &[u8; 32], peer_public: &[u8; 32]) -> Result<Zeroizing<[u8
     Ok(Zeroizing::new(shared.to_bytes()))
 }
 
-/// Node↔AS configuration key: `HKDF(salt = "ntm v1 config", ikm = DH(e_node, S_as),
-/// info = E_node || S_as)`. Protects CONFIG_REQUEST and CONFIG_RESPONSE.
+/// Node↔AS configuration request key: `HKDF(salt = "ntm v1 config", ikm = DH(e_node, S_as),
+/// info = E_node || S_as)`. Protects CONFIG_REQUEST.
 pub fn config_key(dh_es: &[u8; 32], node_ephemeral: &[u8; 32], as_static: &[u8; 32]) -> SecretKey {
     hkdf_sha256(label::CONFIG, dh_es, &[node_ephemeral, as_static])
+}
+
+/// Node↔AS configuration response key: `HKDF(salt = "ntm v1 config", ikm = DH(e_node, S_as),
+/// info = E_node || S_as || E_as)`. Protects CONFIG_RESPONSE. The AS's fresh ephemeral in the info
+/// gives every response its own key, so even a replayed CONFIG_REQUEST can never make the AS seal
+/// two different responses under one key and nonce.
+pub fn config_response_key(
+    dh_es: &[u8; 32],
+    node_ephemeral: &[u8; 32],
+    as_static: &[u8; 32],
+    as_ephemeral: &[u8; 32],
+) -> SecretKey {
+    hkdf_sha256(
+        label::CONFIG,
+        dh_es,
+        &[node_ephemeral, as_static, as_ephemeral],
+    )
 }
 
 /// The password-derived authentication key the AS stores as its verifier:
@@ -225,7 +242,9 @@ pub struct TunnelKeys {
     pub control: SecretKey,
 }
 
-/// Derives a tunnel's keys from the ephemeral agreement and the DC-issued tunnel credential:
+/// Derives a tunnel's keys from the ephemeral agreement and the DC-issued tunnel credential (for
+/// a rekey, pass the current control key instead of the credential, so that a DC that knows the
+/// credential cannot interpose on later generations):
 /// `th = SHA-256("ntm v1 tunnel transcript" || path_id (4, BE) || E_i || E_r)`,
 /// `prk = HKDF-Extract(salt = K_tun, ikm = DH(e_i, e_r))`, then three HKDF-Expand outputs with
 /// info `label || th`. A DC or RS that knows `K_tun` but only records traffic cannot compute them.
@@ -333,6 +352,16 @@ mod tests {
         assert_ne!(at_i.control, at_i.initiator_to_responder);
         let other_cred = tunnel_keys(&x25519(&ei, &pr).unwrap(), &k(6), 42, &pi, &pr);
         assert_ne!(at_i, other_cred);
+    }
+
+    #[test]
+    fn every_config_response_has_its_own_key() {
+        let dh = [1u8; 32];
+        let req = config_key(&dh, &[2; 32], &[3; 32]);
+        let r1 = config_response_key(&dh, &[2; 32], &[3; 32], &[4; 32]);
+        let r2 = config_response_key(&dh, &[2; 32], &[3; 32], &[5; 32]);
+        assert_ne!(r1, r2);
+        assert_ne!(r1, req);
     }
 
     #[test]

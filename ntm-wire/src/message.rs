@@ -514,9 +514,9 @@ catalogue! {
         /// PBKDF2 iterations; a node refuses fewer than the spec's minimum.
         iterations: u32,
     }
-    /// Node → AS. The password proof, under the login key.
+    /// Node → AS. The password proof, under the login key. The account is not repeated: the AS
+    /// knows it from the pending login the key ID names, and a fixed size reveals nothing.
     0x12 => LoginRequest("LOGIN_REQUEST", Forbidden) {
-        account: Account,
         proof: [u8; 32],
     }
     /// AS → node. The session: the node↔DC key and the node's configuration.

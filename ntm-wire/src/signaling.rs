@@ -121,11 +121,13 @@ impl<'a> SignalingPacket<'a> {
             len: buf.len(),
             needed: HEADER_LEN,
         })?;
-        let msg_type =
-            MessageType::from_u8(raw.msg_type).ok_or(WireError::UnknownType(raw.msg_type))?;
+        // Version before type: a datagram of a later version may use types this one does not
+        // know, and must still be answered with VersionNotSupported.
         if raw.version != VERSION {
             return Err(WireError::UnsupportedVersion(raw.version));
         }
+        let msg_type =
+            MessageType::from_u8(raw.msg_type).ok_or(WireError::UnknownType(raw.msg_type))?;
         let flags = raw.flags.get();
         if flags & !DEFINED_FLAGS != 0 || raw.reserved.get() != 0 {
             return Err(WireError::ReservedBits);
@@ -436,6 +438,14 @@ mod tests {
         };
         assert_eq!(with(0, 0x7f), WireError::UnknownType(0x7f));
         assert_eq!(with(1, 2), WireError::UnsupportedVersion(2));
+        let mut future = good.clone();
+        future[0] = 0x7f;
+        future[1] = 2;
+        assert_eq!(
+            SignalingPacket::parse(&future).unwrap_err(),
+            WireError::UnsupportedVersion(2),
+            "an unknown type of an unknown version is reported as the version"
+        );
         assert_eq!(with(2, 0x80), WireError::ReservedBits);
         assert_eq!(with(3, 0x0d), WireError::ReservedBits); // role 3
         assert_eq!(with(23, 1), WireError::ReservedBits);

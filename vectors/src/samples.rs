@@ -102,7 +102,8 @@ pub fn all() -> Vec<Sample> {
                 account: Account::new("alice@dc1.example").expect("valid"),
                 extensions: Extensions::new(vec![Extension {
                     ext_type: Extension::PADDING,
-                    value: vec![0; 32],
+                    // 128 bytes in all: hides the length of account names up to 51 bytes.
+                    value: vec![0; 34],
                 }])
                 .expect("valid"),
             }
@@ -132,7 +133,6 @@ pub fn all() -> Vec<Sample> {
         Sample {
             name: "login_request",
             message: LoginRequest {
-                account: Account::new("alice@dc1.example").expect("valid"),
                 proof: [0x9f; 32],
                 extensions: no_ext(),
             }
@@ -147,7 +147,7 @@ pub fn all() -> Vec<Sample> {
                 session_key_id: session,
                 node_dc_key: key(NODE_DC_KEY),
                 session_lifetime_s: 86_400,
-                dc_fqdn: fqdn("dc.dc1.example"),
+                dc_fqdn: fqdn("dc1.example"),
                 dc_addrs: addrs(&["192.0.2.1:4281", "[2001:db8::1]:4281"]),
                 ns_addrs: addrs(&["192.0.2.3:4283"]),
                 cs_addrs: addrs(&["192.0.2.5:4284"]),
@@ -282,7 +282,7 @@ pub fn all() -> Vec<Sample> {
                 peer_virtual_v4: Ipv4Addr::new(100, 64, 2, 20),
                 peer_virtual_v6: "fd00:2::14".parse::<Ipv6Addr>().expect("parses"),
                 peer_public_key: pubkey(0x62),
-                peer_addrs: addrs(&["203.0.113.9:40001"]),
+                peer_addrs: addrs(&["203.0.113.9:40001", "192.168.0.10:4285"]),
                 relay_addrs: addrs(&["192.0.2.2:4282", "[2001:db8::2]:4282"]),
                 tunnel_credential: key(0x41),
                 relay_key: Some(key(0x50)),
@@ -517,7 +517,7 @@ pub fn all() -> Vec<Sample> {
             message: Error {
                 code: ErrorCode::UnknownKey,
                 failed_type: MessageType::RegistrationRequest.to_u8(),
-                retry_after_ms: 1_000,
+                retry_after_ms: 0,
                 extensions: no_ext(),
             }
             .into(),

@@ -219,6 +219,12 @@ fn the_login_vector_re_derives_every_step() {
         crypto::config_key(&dh_es, &p_en, &p_sas).expose().to_vec(),
         hexf(&v, "config_key")
     );
+    assert_eq!(
+        crypto::config_response_key(&dh_es, &p_en, &p_sas, &p_eas)
+            .expose()
+            .to_vec(),
+        hexf(&v, "config_response_key")
+    );
     let challenge: [u8; 16] = hexf(&v, "challenge").try_into().expect("16 bytes");
     let th = crypto::login_transcript(
         &p_en,
@@ -358,4 +364,22 @@ fn the_replay_window_vector_gives_the_same_decisions() {
         };
         assert_eq!(Some(got), r.as_str(), "counter {c}");
     }
+}
+
+#[test]
+fn no_unauthenticated_request_vector_is_shorter_than_its_answer() {
+    // spec/07: an AS drops a CONFIG_REQUEST under 128 bytes, and no unauthenticated request may be
+    // answered with more bytes than it carried.
+    let by_name: std::collections::BTreeMap<String, Table> = load("messages").into_iter().collect();
+    let len = |n: &str| hexf(&by_name[n], "datagram").len();
+    assert!(
+        len("config_request") >= 128,
+        "CONFIG_REQUEST vector is {} bytes",
+        len("config_request")
+    );
+    assert!(len("config_request") >= len("config_response"));
+    assert!(
+        len("error_plain") <= 31,
+        "an unsealed ERROR is at most 31 bytes"
+    );
 }

@@ -222,6 +222,7 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     let dh_es = crypto::x25519(&e_n, &p_sas).expect("contributory");
     let dh_ee = crypto::x25519(&e_n, &p_eas).expect("contributory");
     let cfg = crypto::config_key(&dh_es, &p_en, &p_sas);
+    let cfg_resp = crypto::config_response_key(&dh_es, &p_en, &p_sas, &p_eas);
     let challenge = [0xc4u8; 16];
     let th = crypto::login_transcript(&p_en, &p_eas, &challenge, 0x5eed_0001, b"alice@dc1.example");
     let lk = crypto::login_key(&dh_es, &dh_ee, &th);
@@ -236,6 +237,7 @@ fn crypto_vectors(dir: &Path, seeds: &Path, force: bool) {
     t.insert("dh_es".into(), hx(dh_es.as_ref()));
     t.insert("dh_ee".into(), hx(dh_ee.as_ref()));
     t.insert("config_key".into(), hx(cfg.expose()));
+    t.insert("config_response_key".into(), hx(cfg_resp.expose()));
     t.insert("challenge".into(), hx(&challenge));
     t.insert("login_id".into(), int(0x5eed_0001));
     t.insert("account".into(), Value::String("alice@dc1.example".into()));
