@@ -11,6 +11,9 @@
 //!   transactions retransmitted on the schedule of spec/07;
 //! * [`as_server::AccountServer`], the account server's side of the login;
 //! * [`login::LoginClient`], the node's side of the login;
+//! * [`dc::DirectionCoordinator`], the DC's registry so far: node↔DC keys from the AS, virtual
+//!   address pairs stable per FQDN, registrations with their observed addresses, keep-alives;
+//! * [`registration::Registrar`], the node's side of registration, NAT detection and upkeep;
 //! * [`time::Time`], the virtual time every machine is driven with;
 //! * [`sim`], a deterministic whole-network simulator (hosts, links, RFC 4787 NATs, IPv4/IPv6,
 //!   moving hosts) in virtual time, for tests that run the machines against each other.
@@ -20,7 +23,9 @@
 //! input until only a timeout is left. Randomness comes in as a `rand_core` generator argument.
 
 pub mod as_server;
+pub mod dc;
 pub mod login;
+pub mod registration;
 pub mod signaling;
 pub mod sim;
 pub mod time;
