@@ -61,16 +61,15 @@ use ntm_wire::crypto::{
 };
 use ntm_wire::message::Error as ErrorMsg;
 use ntm_wire::{
-    classify, Account, AddrList, ConfigResponse, Datagram, ErrorCode, Extensions, Fqdn, Header,
-    KeyDistribution, KeyRole, LoginResponse, Message, MessageType, PublicKeyBytes, Role, SecretKey,
-    WireError,
+    Account, AddrList, ConfigResponse, ErrorCode, Extensions, Fqdn, Header, KeyDistribution,
+    KeyRole, LoginResponse, Message, MessageType, PublicKeyBytes, Role, SecretKey,
 };
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::signaling::{
-    source_prefix, unsealed_error, version_not_supported, DropCounters, DropReason, Expiry, Outbox,
+    server_intake, source_prefix, unsealed_error, DropCounters, DropReason, Expiry, Outbox,
     PrefixLimiter, RetransmitConfig, RttTable, SignalingKey, Transaction, Transmit,
 };
 use crate::time::Time;
@@ -620,16 +619,14 @@ impl AccountServer {
         buf: &mut [u8],
         rng: &mut R,
     ) -> Result<(), DropReason> {
-        let header = match classify(buf) {
-            Ok(Datagram::Signaling(p)) => *p.header(),
-            Ok(Datagram::Data(_)) => return Err(DropReason::NotSignaling),
-            Err(e @ WireError::UnsupportedVersion(_)) => {
-                if let Some(answer) = version_not_supported(Role::B, buf) {
+        let header = match server_intake(buf, Role::B) {
+            Ok(h) => h,
+            Err(refusal) => {
+                if let Some(answer) = refusal.answer {
                     self.send_unsealed(now, local, remote, answer);
                 }
-                return Err(DropReason::Header(e));
+                return Err(refusal.reason);
             }
-            Err(e) => return Err(DropReason::Header(e)),
         };
         match header.msg_type {
             MessageType::ConfigRequest => {

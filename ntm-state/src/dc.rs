@@ -82,16 +82,16 @@ use ntm_wire::error::Replay;
 use ntm_wire::message::Error as ErrorMsg;
 use ntm_wire::replay::REJECT_AFTER_COUNTER;
 use ntm_wire::{
-    classify, open_signaling, Ack, AeadKey, Datagram, Envelope, ErrorCode, Extensions, Fqdn,
-    Header, KeepaliveReply, KeyDistribution, KeyRole, Message, MessageType, NatBehaviour,
-    PublicKeyBytes, RegistrationRequest, RegistrationResponse, ReplayWindow, Role, SecretKey,
-    SignalingPacket, TransportAddr, WireError,
+    open_signaling, Ack, AeadKey, Envelope, ErrorCode, Extensions, Fqdn, Header, KeepaliveReply,
+    KeyDistribution, KeyRole, Message, MessageType, NatBehaviour, PublicKeyBytes,
+    RegistrationRequest, RegistrationResponse, ReplayWindow, Role, SecretKey, SignalingPacket,
+    TransportAddr, WireError,
 };
 use rand_core::{CryptoRng, RngCore};
 
 use crate::signaling::{
-    source_prefix, unsealed_error, version_not_supported, DropCounters, DropReason, Outbox,
-    PrefixLimiter, SealError, SignalingKey, Transmit,
+    server_intake, source_prefix, unsealed_error, DropCounters, DropReason, Outbox, PrefixLimiter,
+    SealError, SignalingKey, Transmit,
 };
 use crate::time::Time;
 
@@ -918,16 +918,14 @@ impl DirectionCoordinator {
         remote: SocketAddr,
         buf: &mut [u8],
     ) -> Result<(), DropReason> {
-        let header = match classify(buf) {
-            Ok(Datagram::Signaling(p)) => *p.header(),
-            Ok(Datagram::Data(_)) => return Err(DropReason::NotSignaling),
-            Err(e @ WireError::UnsupportedVersion(_)) => {
-                if let Some(answer) = version_not_supported(Role::B, buf) {
+        let header = match server_intake(buf, Role::B) {
+            Ok(h) => h,
+            Err(refusal) => {
+                if let Some(answer) = refusal.answer {
                     self.send_unsealed(now, local, remote, answer);
                 }
-                return Err(DropReason::Header(e));
+                return Err(refusal.reason);
             }
-            Err(e) => return Err(DropReason::Header(e)),
         };
         match header.msg_type {
             MessageType::KeyDistribution => {

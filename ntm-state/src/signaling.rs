@@ -407,6 +407,35 @@ pub fn version_not_supported(role: Role, datagram: &[u8]) -> Option<Vec<u8>> {
     unsealed_error(role, 0, txid, failed_type, ErrorCode::VersionNotSupported).ok()
 }
 
+/// Why a server refused a datagram before looking at its type, and what (if anything) it answers.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: DropReason,
+    /// An unsealed ERROR VersionNotSupported, for a datagram of another protocol version.
+    pub answer: Option<Vec<u8>>,
+}
+
+/// The first step of every server's input: the checked signaling header, or a refusal. A data
+/// packet is not signaling; a datagram of another version is answered (unsealed) with
+/// VersionNotSupported, as spec/07 asks, by the server in `role`.
+pub fn server_intake(buf: &[u8], role: Role) -> Result<Header, Refusal> {
+    match ntm_wire::classify(buf) {
+        Ok(ntm_wire::Datagram::Signaling(p)) => Ok(*p.header()),
+        Ok(ntm_wire::Datagram::Data(_)) => Err(Refusal {
+            reason: DropReason::NotSignaling,
+            answer: None,
+        }),
+        Err(e @ WireError::UnsupportedVersion(_)) => Err(Refusal {
+            reason: DropReason::Header(e),
+            answer: version_not_supported(role, buf),
+        }),
+        Err(e) => Err(Refusal {
+            reason: DropReason::Header(e),
+            answer: None,
+        }),
+    }
+}
+
 /// Datagrams waiting for `poll_transmit`, at most `limit` of them (the excess is dropped and
 /// counted).
 #[derive(Clone, Debug)]
@@ -778,6 +807,26 @@ impl PrefixLimiter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn server_intake_answers_only_another_version_and_refuses_data_and_garbage() {
+        let mut data = vec![0u8; 40];
+        data[0] = ntm_wire::DATA_TYPE;
+        let r = server_intake(&data, Role::B).unwrap_err();
+        assert!(matches!(r.reason, DropReason::NotSignaling) && r.answer.is_none());
+
+        let mut future = vec![0u8; 40];
+        future[0] = 0x7f; // a type version 1 does not know
+        future[1] = 2; // version 2
+        future[16..20].copy_from_slice(&0xabcd_0001u32.to_be_bytes());
+        let r = server_intake(&future, Role::B).unwrap_err();
+        let answer = r.answer.expect("another version is answered");
+        assert_eq!(answer.len(), UNSEALED_ERROR_LEN);
+        assert_eq!(&answer[16..20], &0xabcd_0001u32.to_be_bytes());
+
+        let r = server_intake(&[0x30, 1, 0], Role::B).unwrap_err();
+        assert!(matches!(r.reason, DropReason::Header(_)) && r.answer.is_none());
+    }
+
     use super::*;
     use ntm_wire::message::Error as ErrorMsg;
     use ntm_wire::Ack;
