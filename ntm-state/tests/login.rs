@@ -4,44 +4,27 @@
 //!
 //! Every failure message starts with the seed and the simulator's capture (`sim.dump()`).
 
+mod common;
+
 use core::time::Duration;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use ntm_state::as_server::{
-    AccountRecord, AccountServer, AsConfig, AsEvent, AsLimits, DcLink, FailureReason,
+use common::{
+    account, as_dc_key, drain, fqdn, lossy, ms, Drive, Net, Outgoing, Sent, AS_PORT, DC_KEY_ID,
+    DC_PORT, HOME_LINK, INTERNET_LINK, NODE_PORT, ONE_WAY, PASSWORD,
 };
+use ntm_state::as_server::{AccountServer, AsConfig, AsEvent, FailureReason};
 use ntm_state::login::{LoginClient, LoginConfig, LoginEvent, LoginFailure, Session};
-use ntm_state::signaling::{RetransmitConfig, SignalingKey};
-use ntm_state::sim::{Delivery, Filtering, HostId, Link, Mapping, NatConfig, Sim};
+use ntm_state::signaling::SignalingKey;
+use ntm_state::sim::{Delivery, HostId, Link, Mapping};
 use ntm_state::time::Time;
-use ntm_wire::crypto::auth_key;
-use ntm_wire::{
-    Account, Ack, AddrList, Extensions, Fqdn, Message, MessageType, Role, SecretKey, TransportAddr,
-    MAX_SIGNALING_LEN,
-};
+use ntm_wire::{Ack, Extensions, Fqdn, Message, MessageType, Role, SecretKey};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
-const AS_PORT: u16 = 4280;
-const DC_PORT: u16 = 4281;
-const NODE_PORT: u16 = 5000;
-const DC_KEY_ID: u32 = 17;
-const PASSWORD: &[u8] = b"correct horse battery staple";
 /// The minimum a node accepts, to keep PBKDF2 cheap in debug builds.
 const ITERATIONS: u32 = 10_000;
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn account(name: &str) -> Account {
-    Account::new(name).expect("valid account name")
-}
-
-fn fqdn(name: &str) -> Fqdn {
-    Fqdn::new(name).expect("valid name")
-}
 
 /// The DC double: acknowledges KEY_DISTRIBUTION under the AS↔DC key, installing each key once.
 struct DcDouble {
@@ -49,7 +32,7 @@ struct DcDouble {
     /// (new_key_id, key, subject), in the order installed.
     installed: Vec<(u32, SecretKey, Fqdn)>,
     seen_txids: BTreeSet<u32>,
-    outbox: Vec<(SocketAddr, Vec<u8>)>,
+    outbox: Vec<Outgoing>,
 }
 
 impl DcDouble {
@@ -78,26 +61,16 @@ impl DcDouble {
             .key
             .seal_to_vec(&ack, h.envelope.txid, None)
             .expect("seal ACK");
-        self.outbox.push((remote, datagram));
+        self.outbox.push(Outgoing {
+            src: None,
+            dst: remote,
+            datagram,
+        });
     }
 }
 
-fn as_dc_key() -> SecretKey {
-    SecretKey::from_bytes([0x5a; 32])
-}
-
-/// One datagram a machine handed to the network.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Sent {
-    at: Time,
-    from: &'static str,
-    to: SocketAddr,
-    len: usize,
-    msg_type: u8,
-}
-
 struct World {
-    sim: Sim,
+    net: Net,
     node_host: HostId,
     as_host: HostId,
     dc_host: HostId,
@@ -113,7 +86,6 @@ struct World {
     as_events: Vec<AsEvent>,
     /// Sequence reservations the AS announced: (datagrams sent before it, new mark).
     reservations: Vec<(usize, u64)>,
-    sent: Vec<Sent>,
     /// Deliveries for which this returns true are dropped before the machine sees them.
     drop_delivery: Box<dyn FnMut(&Delivery) -> bool>,
     /// Every datagram delivered to the AS, as it arrived.
@@ -139,45 +111,10 @@ impl Setup {
     }
 }
 
+/// One account, alice, whose node is alice.dc1.example.
 fn as_config(dc_addr: SocketAddr) -> AsConfig {
-    let salt = [0x11; 16];
-    let mut accounts = BTreeMap::new();
-    let dc_addrs = AddrList::new(vec![TransportAddr::new(dc_addr)]).expect("one address");
-    accounts.insert(
-        account("alice@dc1.example"),
-        AccountRecord {
-            auth_key: auth_key(PASSWORD, &salt, ITERATIONS),
-            salt,
-            iterations: ITERATIONS,
-            node_fqdn: fqdn("alice.dc1.example"),
-            dc: fqdn("dc1.example"),
-            dc_addrs,
-            ns_addrs: AddrList::empty(),
-            cs_addrs: AddrList::empty(),
-            keepalive_interval_s: 25,
-        },
-    );
-    let mut dcs = BTreeMap::new();
-    dcs.insert(
-        fqdn("dc1.example"),
-        DcLink {
-            key: as_dc_key(),
-            key_id: DC_KEY_ID,
-            addr: dc_addr,
-            high_water_mark: 0,
-        },
-    );
-    AsConfig {
-        static_secret: SecretKey::from_bytes([0x21; 32]),
-        concealment_secret: SecretKey::from_bytes([0x33; 32]),
-        // Unknown accounts get what real ones have, as a deployment would configure.
-        default_iterations: ITERATIONS,
-        session_lifetime: Duration::from_secs(24 * 3600),
-        dcs,
-        accounts,
-        limits: AsLimits::default(),
-        retransmit: RetransmitConfig::default(),
-    }
+    let alice = (account("alice@dc1.example"), fqdn("alice.dc1.example"));
+    common::as_config(&[dc_addr], [alice], ITERATIONS)
 }
 
 impl World {
@@ -185,40 +122,19 @@ impl World {
     /// internet. Without `setup.link`: node link 5 ms, NAT link 5 ms, AS and DC links 10 ms, so
     /// that node↔AS and AS↔DC are each one 20 ms one-way trip.
     fn new(setup: &Setup) -> World {
-        let mut sim = Sim::new(setup.seed);
-        if let Some(link) = setup.link {
-            sim = sim.with_default_link(link);
-        }
-        let internet = sim.internet();
-        let (nat, home) = sim
-            .nat(
-                "home",
-                internet,
-                NatConfig::new(
-                    Mapping::EndpointIndependent,
-                    Filtering::AddressAndPortDependent,
-                ),
-            )
-            .expect("nat");
-        let node_host = sim.host("node", home).expect("node");
-        let as_host = sim.host("as", internet).expect("as");
-        let dc_host = sim.host("dc", internet).expect("dc");
-        let node_addr = SocketAddr::new(sim.v4(node_host).expect("v4"), NODE_PORT);
-        let as_addr = SocketAddr::new(sim.v4(as_host).expect("v4"), AS_PORT);
-        let dc_addr = SocketAddr::new(sim.v4(dc_host).expect("v4"), DC_PORT);
-        if setup.link.is_none() {
-            sim.set_link(node_host, node_addr.ip(), Link::latency(ms(5)))
-                .expect("link");
-            sim.set_nat_link(nat, Link::latency(ms(5))).expect("link");
-            sim.set_link(as_host, as_addr.ip(), Link::latency(ms(10)))
-                .expect("link");
-            sim.set_link(dc_host, dc_addr.ip(), Link::latency(ms(10)))
-                .expect("link");
-        }
+        let mut net = Net::new(setup.seed, setup.link);
+        let internet = net.sim.internet();
+        let (_, home) = net.nat("home", internet, Mapping::EndpointIndependent);
+        let node_host = net.host("node", home, HOME_LINK);
+        let as_host = net.host("as", internet, INTERNET_LINK);
+        let dc_host = net.host("dc", internet, INTERNET_LINK);
+        let node_addr = net.v4(node_host, NODE_PORT);
+        let as_addr = net.v4(as_host, AS_PORT);
+        let dc_addr = net.v4(dc_host, DC_PORT);
         let server = AccountServer::new(as_config(dc_addr)).expect("AS config");
         let node = client(setup.account, setup.password, server.public_key(), as_addr);
         World {
-            sim,
+            net,
             node_host,
             as_host,
             dc_host,
@@ -233,81 +149,61 @@ impl World {
             node_events: Vec::new(),
             as_events: Vec::new(),
             reservations: Vec::new(),
-            sent: Vec::new(),
             drop_delivery: Box::new(|_| false),
             to_as: Vec::new(),
         }
     }
 
-    fn context(&self) -> String {
+    fn login(&mut self) {
+        let now = self.now();
+        self.node.login(now, &mut self.node_rng);
+    }
+
+    /// Runs the network and the machines until the node reports an event or `limit` passes.
+    fn run_until_node_event(&mut self, limit: Time) -> Option<LoginEvent> {
+        let before = self.node_events.len();
+        self.run(limit, |w| w.node_events.len() > before);
+        self.node_events.get(before).map(|(_, e)| e.clone())
+    }
+}
+
+impl Drive for World {
+    fn net(&self) -> &Net {
+        &self.net
+    }
+
+    fn net_mut(&mut self) -> &mut Net {
+        &mut self.net
+    }
+
+    fn describe(&self) -> String {
         format!(
-            "seed {}\nnode events {:?}\nAS events {:?}\nAS drops {:?}\nnode drops {:?}\n{}",
-            self.sim.seed(),
+            "node events {:?}\nAS events {:?}\nAS drops {:?}\nnode drops {:?}",
             self.node_events,
             self.as_events,
             self.server.drops(),
             self.node.drops(),
-            self.sim.dump()
         )
     }
 
-    fn login(&mut self) {
-        let now = self.sim.now();
-        self.node.login(now, &mut self.node_rng);
-    }
-
-    /// Hands every pending output of every machine to the network at `now`.
     fn flush(&mut self, now: Time) {
-        let mut buf = [0u8; MAX_SIGNALING_LEN];
         while let Some(e) = self.node.poll_event() {
             self.node_events.push((now, e));
         }
-        while let Some(t) = self.node.poll_transmit(now, &mut buf) {
-            let src = t.src.unwrap_or(self.node_addr);
-            self.send(
-                now,
-                "node",
-                self.node_host,
-                src,
-                t.dst,
-                buf[..t.len].to_vec(),
-            );
-        }
+        let out = drain(|buf| self.node.poll_transmit(now, buf));
+        self.send_all(now, "node", self.node_host, self.node_addr, out);
         while let Some(e) = self.server.poll_event() {
             match e {
                 AsEvent::SequenceReserved { through, .. } => {
-                    self.reservations.push((self.sent.len(), through))
+                    self.reservations.push((self.net.sent.len(), through))
                 }
                 e => self.as_events.push(e),
             }
         }
-        while let Some(t) = self.server.poll_transmit(now, &mut buf) {
-            let src = t.src.unwrap_or(self.as_addr);
-            self.send(now, "as", self.as_host, src, t.dst, buf[..t.len].to_vec());
-        }
-        for (dst, datagram) in std::mem::take(&mut self.dc.outbox) {
-            self.send(now, "dc", self.dc_host, self.dc_addr, dst, datagram);
-        }
-    }
-
-    fn send(
-        &mut self,
-        now: Time,
-        from: &'static str,
-        host: HostId,
-        src: SocketAddr,
-        dst: SocketAddr,
-        datagram: Vec<u8>,
-    ) {
-        self.sent.push(Sent {
-            at: now,
-            from,
-            to: dst,
-            len: datagram.len(),
-            msg_type: datagram.first().copied().unwrap_or(0),
-        });
-        let result = self.sim.send(now, host, src, dst, datagram);
-        assert!(result.is_ok(), "{result:?}\n{}", self.context());
+        let out = drain(|buf| self.server.poll_transmit(now, buf));
+        self.send_all(now, "as", self.as_host, self.as_addr, out);
+        let out = std::mem::take(&mut self.dc.outbox);
+        self.send_all(now, "dc", self.dc_host, self.dc_addr, out);
     }
 
     fn deliver(&mut self, mut d: Delivery) {
@@ -326,43 +222,17 @@ impl World {
         }
     }
 
-    /// Runs the network and the machines until the node reports an event or `limit` passes.
-    fn run_until_node_event(&mut self, limit: Time) -> Option<LoginEvent> {
-        let before = self.node_events.len();
-        self.run(limit, |w| w.node_events.len() > before);
-        self.node_events.get(before).map(|(_, e)| e.clone())
+    fn next_timer(&self) -> Option<Time> {
+        [self.node.poll_timeout(), self.server.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .map(|(t, _)| t)
+            .min()
     }
 
-    /// Runs until `stop` holds (checked after every step) or `limit` passes.
-    fn run(&mut self, limit: Time, stop: impl Fn(&World) -> bool) {
-        loop {
-            let now = self.sim.now();
-            self.flush(now);
-            if stop(self) || now >= limit {
-                return;
-            }
-            let timer = [self.node.poll_timeout(), self.server.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .map(|(t, _)| t.max(now))
-                .min();
-            let until = timer.map_or(limit, |t| t.min(limit));
-            match self.sim.step_until(until) {
-                Some(d) => self.deliver(d),
-                None => {
-                    let now = self.sim.now();
-                    self.node.handle_timeout(now, &mut self.node_rng);
-                    self.server.handle_timeout(now, &mut self.as_rng);
-                }
-            }
-        }
-    }
-
-    fn sent_of(&self, from: &str, msg_type: MessageType) -> usize {
-        self.sent
-            .iter()
-            .filter(|s| s.from == from && s.msg_type == msg_type.to_u8())
-            .count()
+    fn handle_timeout(&mut self, now: Time) {
+        self.node.handle_timeout(now, &mut self.node_rng);
+        self.server.handle_timeout(now, &mut self.as_rng);
     }
 }
 
@@ -385,8 +255,6 @@ fn logged_in(event: Option<LoginEvent>) -> Option<Session> {
         _ => None,
     }
 }
-
-const ONE_WAY: Duration = Duration::from_millis(20);
 
 #[test]
 fn a_node_behind_a_nat_logs_in_in_six_one_way_trips_and_gets_the_key_its_dc_got() {
@@ -426,8 +294,12 @@ fn a_node_behind_a_nat_logs_in_in_six_one_way_trips_and_gets_the_key_its_dc_got(
             session_key_id: session.session_key_id,
         }]
     );
-    let sizes: Vec<(&str, u8, usize)> =
-        w.sent.iter().map(|s| (s.from, s.msg_type, s.len)).collect();
+    let sizes: Vec<(&str, u8, usize)> = w
+        .net
+        .sent
+        .iter()
+        .map(|s| (s.from.as_str(), s.msg_type, s.len))
+        .collect();
     assert_eq!(
         sizes,
         vec![
@@ -463,7 +335,7 @@ fn failed_login(
     let event = w.run_until_node_event(Time::from_secs(30));
     // Let anything still in flight land.
     w.run(Time::from_secs(31), |_| false);
-    let sent = w.sent.clone();
+    let sent = w.net.sent.clone();
     (event, sent, w)
 }
 
@@ -538,7 +410,7 @@ fn an_unknown_account_always_gets_the_same_fake_salt_and_another_account_another
 fn login_with_retries(w: &mut World, attempts: u32) -> (Option<Session>, u32) {
     for attempt in 1..=attempts {
         w.login();
-        let limit = w.sim.now() + Duration::from_secs(60);
+        let limit = w.now() + Duration::from_secs(60);
         match w.run_until_node_event(limit) {
             Some(LoginEvent::LoggedIn(s)) => return (Some(s), attempt),
             Some(LoginEvent::LoginFailed(LoginFailure::Timeout)) => continue,
@@ -554,15 +426,11 @@ fn login_with_retries(w: &mut World, attempts: u32) -> (Option<Session>, u32) {
 /// most logins through, that every seed ends logged in, and that the DC holds the node's key.
 #[test]
 fn login_succeeds_with_twenty_percent_loss_on_every_link() {
-    let lossy = Link {
-        loss: 0.2,
-        ..Link::latency(ms(10))
-    };
     let mut first_attempt = 0;
     let mut retransmissions = 0;
     for seed in 100..120 {
         let mut w = World::new(&Setup {
-            link: Some(lossy),
+            link: Some(lossy(0.2)),
             ..Setup::new(seed)
         });
         let (session, attempts) = login_with_retries(&mut w, 10);
@@ -572,7 +440,7 @@ fn login_succeeds_with_twenty_percent_loss_on_every_link() {
             first_attempt += 1;
         }
         // Let the AS's last retransmissions settle, then check the DC holds the node's key.
-        let settle = w.sim.now() + Duration::from_secs(15);
+        let settle = w.now() + Duration::from_secs(15);
         w.run(settle, |_| false);
         let installed: Vec<_> =
             w.dc.installed
@@ -581,8 +449,8 @@ fn login_succeeds_with_twenty_percent_loss_on_every_link() {
                 .collect();
         assert_eq!(installed.len(), 1, "{}", w.context());
         assert_eq!(installed[0].1, session.node_dc_key, "{}", w.context());
-        let requests = w.sent_of("node", MessageType::ConfigRequest)
-            + w.sent_of("node", MessageType::LoginRequest);
+        let requests = w.sent_by("node", MessageType::ConfigRequest).len()
+            + w.sent_by("node", MessageType::LoginRequest).len();
         retransmissions += requests.saturating_sub(2 * attempts as usize);
     }
     eprintln!("{first_attempt}/20 seeds logged in at the first attempt; {retransmissions} node retransmissions");
@@ -606,7 +474,7 @@ fn five_failed_logins_lock_the_account_for_a_minute_even_for_the_right_password(
     });
     for i in 0..5 {
         w.login();
-        let limit = w.sim.now() + Duration::from_secs(30);
+        let limit = w.now() + Duration::from_secs(30);
         let event = w.run_until_node_event(limit);
         assert_eq!(
             event,
@@ -623,7 +491,7 @@ fn five_failed_logins_lock_the_account_for_a_minute_even_for_the_right_password(
         w.as_addr,
     );
     w.login();
-    let limit = w.sim.now() + Duration::from_secs(30);
+    let limit = w.now() + Duration::from_secs(30);
     let event = w.run_until_node_event(limit);
     let Some(LoginEvent::LoginFailed(LoginFailure::RateLimited { retry_after })) = event else {
         panic!("expected RateLimited, got {event:?}\n{}", w.context());
@@ -641,7 +509,7 @@ fn five_failed_logins_lock_the_account_for_a_minute_even_for_the_right_password(
     let later = answered + retry_after;
     w.run(later, |_| false);
     w.login();
-    let limit = w.sim.now() + Duration::from_secs(30);
+    let limit = w.now() + Duration::from_secs(30);
     let event = w.run_until_node_event(limit);
     assert!(
         logged_in(event.clone()).is_some(),
@@ -659,7 +527,7 @@ fn the_lockout_counts_an_unknown_account_like_a_known_one() {
     let mut outcomes = Vec::new();
     for _ in 0..6 {
         w.login();
-        let limit = w.sim.now() + Duration::from_secs(30);
+        let limit = w.now() + Duration::from_secs(30);
         outcomes.push(w.run_until_node_event(limit));
     }
     assert!(outcomes[..5]
@@ -690,8 +558,8 @@ fn a_replayed_login_request_after_success_is_dropped_and_opens_no_second_session
     let Some(request) = request else {
         panic!("the AS never got a LOGIN_REQUEST\n{}", w.context());
     };
-    let sent_before = w.sent.len();
-    let now = w.sim.now();
+    let sent_before = w.net.sent.len();
+    let now = w.now();
     w.send(
         now,
         "attacker",
@@ -703,7 +571,7 @@ fn a_replayed_login_request_after_success_is_dropped_and_opens_no_second_session
     w.run(now + Duration::from_secs(5), |_| false);
     assert_eq!(w.server.drops().get("replayed"), 1, "{}", w.context());
     assert_eq!(
-        w.sent.len(),
+        w.net.sent.len(),
         sent_before + 1,
         "nothing answers the replay\n{}",
         w.context()
@@ -728,19 +596,19 @@ fn a_retransmitted_login_request_after_a_lost_response_gets_the_stored_response(
     assert!(session.is_some(), "{event:?}\n{}", w.context());
     let session = session.unwrap_or_else(|| unreachable!());
     assert_eq!(
-        w.sent_of("node", MessageType::LoginRequest),
+        w.sent_by("node", MessageType::LoginRequest).len(),
         2,
         "{}",
         w.context()
     );
     assert_eq!(
-        w.sent_of("as", MessageType::LoginResponse),
+        w.sent_by("as", MessageType::LoginResponse).len(),
         2,
         "{}",
         w.context()
     );
     assert_eq!(
-        w.sent_of("as", MessageType::KeyDistribution),
+        w.sent_by("as", MessageType::KeyDistribution).len(),
         1,
         "{}",
         w.context()
@@ -780,7 +648,7 @@ fn a_login_request_ten_minutes_after_success_gets_an_unsealed_unknown_key() {
         0,
         "K_login is forgotten after 10 min"
     );
-    let sent_before = w.sent.len();
+    let sent_before = w.net.sent.len();
     w.send(
         later,
         "attacker",
@@ -790,7 +658,7 @@ fn a_login_request_ten_minutes_after_success_gets_an_unsealed_unknown_key() {
         request,
     );
     w.run(later + Duration::from_secs(1), |_| false);
-    let answers: Vec<&Sent> = w.sent[sent_before..]
+    let answers: Vec<&Sent> = w.net.sent[sent_before..]
         .iter()
         .filter(|s| s.from == "as")
         .collect();
@@ -822,7 +690,7 @@ fn a_dc_that_never_answers_makes_the_login_fail_as_unavailable() {
     );
     w.run(Time::from_secs(60), |_| false);
     assert_eq!(
-        w.sent_of("as", MessageType::KeyDistribution),
+        w.sent_by("as", MessageType::KeyDistribution).len(),
         6,
         "{}",
         w.context()

@@ -5,66 +5,45 @@
 //!
 //! Every failure message starts with the seed and the simulator's capture (`sim.dump()`).
 
+mod common;
+
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ntm_state::as_server::{AccountRecord, AccountServer, AsConfig, AsLimits, DcLink};
+use common::{
+    as_dc_key, drain, fqdn, lossy, ms, Drive, Net, AS_PORT, DC_KEY_ID, DC_PORT, HOME_LINK,
+    INTERNET_LINK, NODE_PORT, ONE_WAY, PASSWORD,
+};
+use ntm_state::as_server::AccountServer;
 use ntm_state::dc::{DcConfig, DcEvent, DirectionCoordinator, VirtualPools};
 use ntm_state::login::{LoginClient, LoginConfig, LoginEvent, Session};
 use ntm_state::registration::{Registrar, RegistrarConfig, RegistrationEvent, RegistrationFailure};
-use ntm_state::signaling::RetransmitConfig;
-use ntm_state::sim::{Delivery, Filtering, HostId, Link, Mapping, NatConfig, SegmentId, Sim};
+use ntm_state::sim::{Delivery, HostId, Link, Mapping, SegmentId};
 use ntm_state::time::Time;
-use ntm_wire::crypto::auth_key;
-use ntm_wire::{
-    Account, AddrList, ErrorCode, Fqdn, MessageType, NatBehaviour, SecretKey, TransportAddr,
-    MAX_SIGNALING_LEN,
-};
+use ntm_wire::{Account, ErrorCode, Fqdn, MessageType, NatBehaviour};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
-const AS_PORT: u16 = 4280;
-const DC_PORT: u16 = 4281;
-const NODE_PORT: u16 = 5000;
-const DC_KEY_ID: u32 = 17;
-const PASSWORD: &[u8] = b"correct horse battery staple";
 /// PBKDF2 is not what these tests are about: a low count keeps 200 logins cheap in debug builds
 /// (the nodes are configured to accept it).
 const ITERATIONS: u32 = 1_000;
-/// Node to DC, with the default links: node 10 ms + DC 10 ms, or node 5 ms + NAT 5 ms + DC 10 ms.
-const ONE_WAY: Duration = Duration::from_millis(20);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn fqdn(name: &str) -> Fqdn {
-    Fqdn::new(name).expect("valid name")
-}
 
 fn account(i: usize) -> Account {
-    Account::new(&format!("node{i}@dc1.example")).expect("valid account")
+    common::account(&format!("node{i}@dc1.example"))
 }
 
 fn node_name(i: usize) -> Fqdn {
     fqdn(&format!("node{i}.dc1.example"))
 }
 
-fn as_dc_key() -> SecretKey {
-    SecretKey::from_bytes([0x5a; 32])
-}
-
-/// One datagram a machine handed to the network.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Sent {
-    at: Time,
-    /// "as", "dc", or the node's index.
-    from: String,
-    src: SocketAddr,
-    to: SocketAddr,
-    msg_type: u8,
-    len: usize,
+/// The default link of a node on the internet or behind a NAT (unless every link is set).
+fn node_link(behind_nat: bool) -> Duration {
+    if behind_nat {
+        HOME_LINK
+    } else {
+        INTERNET_LINK
+    }
 }
 
 /// A node: its host, its login client, and its registrar once logged in.
@@ -119,7 +98,7 @@ impl Setup {
 }
 
 struct World {
-    sim: Sim,
+    net: Net,
     internet: SegmentId,
     as_host: HostId,
     dc_host: HostId,
@@ -133,53 +112,8 @@ struct World {
     nodes: Vec<NodeHost>,
     by_host: BTreeMap<HostId, usize>,
     dc_events: Vec<(Time, DcEvent)>,
-    sent: Vec<Sent>,
     /// Every datagram delivered to the DC, as it arrived (source after NAT translation).
     to_dc: Vec<Delivery>,
-    default_links: bool,
-}
-
-fn as_config(dc_addrs: &[SocketAddr], accounts: usize) -> AsConfig {
-    let salt = [0x11; 16];
-    let verifier = auth_key(PASSWORD, &salt, ITERATIONS);
-    let dc_list = AddrList::new(dc_addrs.iter().map(|a| TransportAddr::new(*a)).collect())
-        .expect("four addresses");
-    let accounts = (0..accounts)
-        .map(|i| {
-            let record = AccountRecord {
-                auth_key: verifier.clone(),
-                salt,
-                iterations: ITERATIONS,
-                node_fqdn: node_name(i),
-                dc: fqdn("dc1.example"),
-                dc_addrs: dc_list.clone(),
-                ns_addrs: AddrList::empty(),
-                cs_addrs: AddrList::empty(),
-                keepalive_interval_s: 25,
-            };
-            (account(i), record)
-        })
-        .collect();
-    let mut dcs = BTreeMap::new();
-    dcs.insert(
-        fqdn("dc1.example"),
-        DcLink {
-            key: as_dc_key(),
-            key_id: DC_KEY_ID,
-            addr: dc_addrs[0],
-            high_water_mark: 0,
-        },
-    );
-    AsConfig {
-        static_secret: SecretKey::from_bytes([0x21; 32]),
-        concealment_secret: SecretKey::from_bytes([0x33; 32]),
-        default_iterations: ITERATIONS,
-        session_lifetime: Duration::from_secs(24 * 3600),
-        dcs,
-        accounts,
-        limits: AsLimits::default(),
-        retransmit: RetransmitConfig::default(),
-    }
 }
 
 fn dc_config(dc_addrs: &[SocketAddr]) -> DcConfig {
@@ -201,34 +135,30 @@ impl World {
     /// Without `setup.link`: AS and DC links 10 ms, so a node on the internet (10 ms link) or
     /// behind a NAT (5 ms link, 5 ms NAT link) is one 20 ms trip from the DC.
     fn new(setup: &Setup) -> World {
-        let mut sim = Sim::new(setup.seed);
-        if let Some(link) = setup.link {
-            sim = sim.with_default_link(link);
-        }
-        let internet = sim.internet();
-        let as_host = sim.host("as", internet).expect("as");
-        let dc_host = sim.host("dc", internet).expect("dc");
-        sim.attach(dc_host, internet).expect("second DC interface");
-        let as_addr = SocketAddr::new(sim.v4(as_host).expect("v4"), AS_PORT);
-        let dc_ips = sim.addrs(dc_host);
-        let mut dc_addrs: Vec<SocketAddr> = dc_ips
+        let mut net = Net::new(setup.seed, setup.link);
+        let internet = net.sim.internet();
+        let as_host = net.host("as", internet, INTERNET_LINK);
+        let dc_host = net.host("dc", internet, INTERNET_LINK);
+        let second = net
+            .sim
+            .attach(dc_host, internet)
+            .expect("second DC interface");
+        net.set_links(dc_host, second.added, INTERNET_LINK);
+        let as_addr = net.v4(as_host, AS_PORT);
+        let mut dc_addrs: Vec<SocketAddr> = net
+            .sim
+            .addrs(dc_host)
             .iter()
             .map(|ip| SocketAddr::new(*ip, DC_PORT))
             .collect();
         dc_addrs.sort_by_key(|a| (a.is_ipv6(), *a));
         assert_eq!(dc_addrs.len(), 4, "{dc_addrs:?}");
-        if setup.link.is_none() {
-            sim.set_link(as_host, as_addr.ip(), Link::latency(ms(10)))
-                .expect("link");
-            for ip in dc_ips {
-                sim.set_link(dc_host, ip, Link::latency(ms(10)))
-                    .expect("link");
-            }
-        }
+        let accounts = (0..setup.accounts).map(|i| (account(i), node_name(i)));
+        let as_config = common::as_config(&dc_addrs, accounts, ITERATIONS);
         World {
-            server: AccountServer::new(as_config(&dc_addrs, setup.accounts)).expect("AS config"),
+            server: AccountServer::new(as_config).expect("AS config"),
             dc: DirectionCoordinator::new(dc_config(&dc_addrs)).expect("DC config"),
-            sim,
+            net,
             internet,
             as_host,
             dc_host,
@@ -239,9 +169,7 @@ impl World {
             nodes: Vec::new(),
             by_host: BTreeMap::new(),
             dc_events: Vec::new(),
-            sent: Vec::new(),
             to_dc: Vec::new(),
-            default_links: setup.link.is_none(),
         }
     }
 
@@ -249,17 +177,8 @@ impl World {
     fn add_node(&mut self, segment: SegmentId, behind_nat: bool) -> usize {
         let index = self.nodes.len();
         let host = self
-            .sim
-            .host(&format!("node{index}"), segment)
-            .expect("node host");
-        if self.default_links {
-            let latency = if behind_nat { ms(5) } else { ms(10) };
-            for ip in self.sim.addrs(host) {
-                self.sim
-                    .set_link(host, ip, Link::latency(latency))
-                    .expect("link");
-            }
-        }
+            .net
+            .host(&format!("node{index}"), segment, node_link(behind_nat));
         let config = LoginConfig {
             min_iterations: ITERATIONS,
             ..LoginConfig::new(account(index), self.server.public_key(), self.as_addr)
@@ -270,7 +189,7 @@ impl World {
             host,
             login,
             registrar: None,
-            rng: ChaCha8Rng::seed_from_u64(self.sim.seed() ^ (0x6e6f6465 + index as u64)),
+            rng: ChaCha8Rng::seed_from_u64(self.net.sim.seed() ^ (0x6e6f6465 + index as u64)),
             claim: None,
             retry: false,
             logins_started: 0,
@@ -285,25 +204,14 @@ impl World {
     /// A NAT on the internet with this mapping (filtering address-and-port dependent, ports
     /// preserved), its link 5 ms unless every link is set.
     fn nat(&mut self, name: &str, mapping: Mapping) -> (SegmentId, IpAddr) {
-        let (nat, inside) = self
-            .sim
-            .nat(
-                name,
-                self.internet,
-                NatConfig::new(mapping, Filtering::AddressAndPortDependent),
-            )
-            .expect("nat");
-        if self.default_links {
-            self.sim
-                .set_nat_link(nat, Link::latency(ms(5)))
-                .expect("link");
-        }
-        let outside = self.sim.nat_addrs(nat);
+        let (nat, inside) = self.net.nat(name, self.internet, mapping);
+        let outside = self.net.sim.nat_addrs(nat);
         (inside, outside[0])
     }
 
     fn local_addrs(&self, i: usize) -> Vec<SocketAddr> {
-        self.sim
+        self.net
+            .sim
             .addrs(self.nodes[i].host)
             .into_iter()
             .map(|ip| SocketAddr::new(ip, NODE_PORT))
@@ -319,17 +227,11 @@ impl World {
         behind_nat: bool,
     ) -> (Time, Vec<SocketAddr>) {
         let host = self.nodes[i].host;
-        let change = self.sim.move_host(host, segment).expect("move");
+        let change = self.net.sim.move_host(host, segment).expect("move");
         assert!(!change.added.is_empty());
-        if self.default_links {
-            let latency = if behind_nat { ms(5) } else { ms(10) };
-            for ip in change.added {
-                self.sim
-                    .set_link(host, ip, Link::latency(latency))
-                    .expect("link");
-            }
-        }
-        let now = self.sim.now();
+        self.net
+            .set_links(host, change.added, node_link(behind_nat));
+        let now = self.now();
         let local = self.local_addrs(i);
         let node = &mut self.nodes[i];
         if let Some(r) = node.registrar.as_mut() {
@@ -338,37 +240,8 @@ impl World {
         (now, local)
     }
 
-    fn context(&self) -> String {
-        let nodes: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                format!(
-                    "node{}: logins {} login events {:?}\n  registration events {:?}\n  \
-                     registrar {:?} drops {:?}",
-                    n.index,
-                    n.logins_started,
-                    n.login_events,
-                    n.events,
-                    n.registrar,
-                    n.registrar.as_ref().map(|r| r.drops().clone()),
-                )
-            })
-            .take(8)
-            .collect();
-        format!(
-            "seed {}\n{}\nDC {:?}\nDC events {:?}\nAS drops {:?}\n{}",
-            self.sim.seed(),
-            nodes.join("\n"),
-            self.dc,
-            self.dc_events.iter().rev().take(20).collect::<Vec<_>>(),
-            self.server.drops(),
-            self.sim.dump()
-        )
-    }
-
     fn login(&mut self, i: usize) {
-        let now = self.sim.now();
+        let now = self.now();
         let node = &mut self.nodes[i];
         node.registrar = None;
         node.logins_started += 1;
@@ -412,71 +285,85 @@ impl World {
         }
     }
 
-    /// Hands every pending output of every machine to the network at `now`.
+    /// Logs node `i` in and runs until its registrar reports `n` registrations.
+    fn login_and_register(&mut self, i: usize, n: usize, limit: Duration) {
+        self.login(i);
+        let limit = self.now() + limit;
+        self.run(limit, |w| w.nodes[i].registered().len() >= n);
+    }
+
+    fn registration_of(&self, i: usize) -> Option<ntm_state::dc::RegisteredNode> {
+        self.dc.registration(&node_name(i))
+    }
+}
+
+impl Drive for World {
+    fn net(&self) -> &Net {
+        &self.net
+    }
+
+    fn net_mut(&mut self) -> &mut Net {
+        &mut self.net
+    }
+
+    fn describe(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "node{}: logins {} login events {:?}\n  registration events {:?}\n  \
+                     registrar {:?} drops {:?}",
+                    n.index,
+                    n.logins_started,
+                    n.login_events,
+                    n.events,
+                    n.registrar,
+                    n.registrar.as_ref().map(|r| r.drops().clone()),
+                )
+            })
+            .take(8)
+            .collect();
+        format!(
+            "{}\nDC {:?}\nDC events {:?}\nAS drops {:?}",
+            nodes.join("\n"),
+            self.dc,
+            self.dc_events.iter().rev().take(20).collect::<Vec<_>>(),
+            self.server.drops(),
+        )
+    }
+
     fn flush(&mut self, now: Time) {
-        let mut buf = [0u8; MAX_SIGNALING_LEN];
         for i in 0..self.nodes.len() {
             self.node_reacts(now, i);
-            let host = self.nodes[i].host;
-            let mut out = Vec::new();
             let node = &mut self.nodes[i];
-            while let Some(t) = node.login.poll_transmit(now, &mut buf) {
-                out.push((t.src, t.dst, buf[..t.len].to_vec()));
-            }
+            let mut out = drain(|buf| node.login.poll_transmit(now, buf));
             if let Some(r) = node.registrar.as_mut() {
-                while let Some(t) = r.poll_transmit(now, &mut buf) {
-                    out.push((t.src, t.dst, buf[..t.len].to_vec()));
-                }
+                out.extend(drain(|buf| r.poll_transmit(now, buf)));
             }
-            for (src, dst, d) in out {
-                let src = src.unwrap_or_else(|| {
-                    let ip = if dst.is_ipv6() {
-                        self.sim.v6(host)
+            let host = node.host;
+            for o in out {
+                let src = o.src.unwrap_or_else(|| {
+                    let ip = if o.dst.is_ipv6() {
+                        self.net.sim.v6(host)
                     } else {
-                        self.sim.v4(host)
+                        self.net.sim.v4(host)
                     };
                     SocketAddr::new(ip.expect("an address of the family"), NODE_PORT)
                 });
-                self.send(now, i.to_string(), host, src, dst, d);
+                self.send(now, &i.to_string(), host, src, o.dst, o.datagram);
             }
         }
-        while let Some(t) = self.server.poll_transmit(now, &mut buf) {
-            let src = t.src.unwrap_or(self.as_addr);
-            let d = buf[..t.len].to_vec();
-            self.send(now, "as".into(), self.as_host, src, t.dst, d);
-        }
+        let out = drain(|buf| self.server.poll_transmit(now, buf));
+        self.send_all(now, "as", self.as_host, self.as_addr, out);
         while let Some(e) = self.server.poll_event() {
             let _ = e;
         }
         while let Some(e) = self.dc.poll_event() {
             self.dc_events.push((now, e));
         }
-        while let Some(t) = self.dc.poll_transmit(now, &mut buf) {
-            let src = t.src.unwrap_or(self.dc_addrs[0]);
-            let d = buf[..t.len].to_vec();
-            self.send(now, "dc".into(), self.dc_host, src, t.dst, d);
-        }
-    }
-
-    fn send(
-        &mut self,
-        now: Time,
-        from: String,
-        host: HostId,
-        src: SocketAddr,
-        dst: SocketAddr,
-        datagram: Vec<u8>,
-    ) {
-        self.sent.push(Sent {
-            at: now,
-            from,
-            src,
-            to: dst,
-            msg_type: datagram.first().copied().unwrap_or(0),
-            len: datagram.len(),
-        });
-        let result = self.sim.send(now, host, src, dst, datagram);
-        assert!(result.is_ok(), "{result:?}\n{}", self.context());
+        let out = drain(|buf| self.dc.poll_transmit(now, buf));
+        self.send_all(now, "dc", self.dc_host, self.dc_addrs[0], out);
     }
 
     fn deliver(&mut self, mut d: Delivery) {
@@ -513,53 +400,15 @@ impl World {
             .min()
     }
 
-    /// Runs until `stop` holds (checked after every step) or `limit` passes.
-    fn run(&mut self, limit: Time, stop: impl Fn(&World) -> bool) {
-        loop {
-            let now = self.sim.now();
-            self.flush(now);
-            if stop(self) || now >= limit {
-                return;
-            }
-            let until = self.next_timer().map_or(limit, |t| t.max(now).min(limit));
-            match self.sim.step_until(until) {
-                Some(d) => self.deliver(d),
-                None => {
-                    let now = self.sim.now();
-                    self.server.handle_timeout(now, &mut self.as_rng);
-                    self.dc.handle_timeout(now, &mut self.dc_rng);
-                    for n in &mut self.nodes {
-                        n.login.handle_timeout(now, &mut n.rng);
-                        if let Some(r) = n.registrar.as_mut() {
-                            r.handle_timeout(now, &mut n.rng);
-                        }
-                    }
-                }
+    fn handle_timeout(&mut self, now: Time) {
+        self.server.handle_timeout(now, &mut self.as_rng);
+        self.dc.handle_timeout(now, &mut self.dc_rng);
+        for n in &mut self.nodes {
+            n.login.handle_timeout(now, &mut n.rng);
+            if let Some(r) = n.registrar.as_mut() {
+                r.handle_timeout(now, &mut n.rng);
             }
         }
-    }
-
-    fn run_for(&mut self, d: Duration) {
-        let limit = self.sim.now() + d;
-        self.run(limit, |_| false);
-    }
-
-    /// Logs node `i` in and runs until its registrar reports `n` registrations.
-    fn login_and_register(&mut self, i: usize, n: usize, limit: Duration) {
-        self.login(i);
-        let limit = self.sim.now() + limit;
-        self.run(limit, |w| w.nodes[i].registered().len() >= n);
-    }
-
-    fn sent_by(&self, from: &str, msg_type: MessageType) -> Vec<&Sent> {
-        self.sent
-            .iter()
-            .filter(|s| s.from == from && s.msg_type == msg_type.to_u8())
-            .collect()
-    }
-
-    fn registration_of(&self, i: usize) -> Option<ntm_state::dc::RegisteredNode> {
-        self.dc.registration(&node_name(i))
     }
 }
 
@@ -800,10 +649,10 @@ fn two_nodes_never_share_an_address_and_two_hundred_nodes_get_two_hundred_pairs(
     }
     for k in 0..200 {
         w.login(k);
-        let next = w.sim.now() + ms(10);
+        let next = w.now() + ms(10);
         w.run(next, |_| false);
     }
-    let limit = w.sim.now() + Duration::from_secs(60);
+    let limit = w.now() + Duration::from_secs(60);
     w.run(limit, |w| w.dc.nodes_registered() == 200);
     // The last answers are still on their way.
     w.run_for(Duration::from_secs(1));
@@ -828,15 +677,11 @@ fn two_nodes_never_share_an_address_and_two_hundred_nodes_get_two_hundred_pairs(
 
 #[test]
 fn login_and_registration_complete_with_twenty_percent_loss_on_every_link() {
-    let lossy = Link {
-        loss: 0.2,
-        ..Link::latency(ms(10))
-    };
     let mut first_attempt = 0;
     let mut measured = 0;
     for seed in 200..210 {
         let mut w = World::new(&Setup {
-            link: Some(lossy),
+            link: Some(lossy(0.2)),
             ..Setup::new(seed)
         });
         let (home, _) = w.nat("home", Mapping::EndpointIndependent);
@@ -885,7 +730,7 @@ fn a_registration_for_another_nodes_name_under_ones_own_key_is_refused() {
     assert!(before.is_some(), "{}", w.context());
     w.nodes[mallory].claim = Some(node_name(bob));
     w.login(mallory);
-    let limit = w.sim.now() + Duration::from_secs(30);
+    let limit = w.now() + Duration::from_secs(30);
     w.run(limit, |w| w.nodes[mallory].events.len() >= 2);
     let ctx = w.context();
     let failures: Vec<&RegistrationEvent> =
