@@ -69,8 +69,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::signaling::{
-    server_intake, source_prefix, unsealed_error, DropCounters, DropReason, Expiry, Outbox,
-    PrefixLimiter, RetransmitConfig, RttTable, SignalingKey, Transaction, Transmit,
+    server_intake, source_prefix, DropCounters, DropReason, Expiry, RetransmitConfig, RttTable,
+    ServerOutput, SignalingKey, Transaction, Transmit,
 };
 use crate::time::Time;
 
@@ -474,12 +474,8 @@ pub struct AccountServer {
     pending_by_source: BTreeMap<IpAddr, usize>,
     login_by_distribution: BTreeMap<u32, u32>,
     throttle: Throttle,
-    unsealed_errors: PrefixLimiter,
     rtt: RttTable,
-    outbox: Outbox,
-    events: VecDeque<AsEvent>,
-    events_lost: u64,
-    seal_failures: u64,
+    output: ServerOutput<AsEvent>,
     drops: DropCounters,
 }
 
@@ -542,16 +538,13 @@ impl AccountServer {
             pending_by_source: BTreeMap::new(),
             login_by_distribution: BTreeMap::new(),
             throttle: Throttle::default(),
-            unsealed_errors: PrefixLimiter::new(
+            rtt: RttTable::new(l.max_rtt_peers),
+            output: ServerOutput::new(
+                l.max_queued_transmits,
+                l.max_queued_events,
                 l.unsealed_errors_per_second,
-                Duration::from_secs(1),
                 l.max_tracked_prefixes,
             ),
-            rtt: RttTable::new(l.max_rtt_peers),
-            outbox: Outbox::new(l.max_queued_transmits),
-            events: VecDeque::new(),
-            events_lost: 0,
-            seal_failures: 0,
             drops: DropCounters::default(),
             config,
         })
@@ -574,7 +567,7 @@ impl AccountServer {
 
     /// Events lost because the queue was full.
     pub fn events_lost(&self) -> u64 {
-        self.events_lost
+        self.output.events_lost()
     }
 
     /// The salt an unknown account is given: the first 16 bytes of
@@ -623,7 +616,7 @@ impl AccountServer {
             Ok(h) => h,
             Err(refusal) => {
                 if let Some(answer) = refusal.answer {
-                    self.send_unsealed(now, local, remote, answer);
+                    self.output.send_unsealed(now, local, remote, answer);
                 }
                 return Err(refusal.reason);
             }
@@ -713,7 +706,7 @@ impl AccountServer {
             Role::B,
         );
         let datagram = response_key.seal_to_vec(&response, h.envelope.txid, Some(e_as));
-        self.queue(Some(local), remote, datagram);
+        self.output.queue(Some(local), remote, datagram);
         let deadline = now + self.config.limits.login_pending;
         let login = Login {
             account,
@@ -762,7 +755,7 @@ impl AccountServer {
         let datagram = p
             .response_key
             .seal_to_vec(&p.response, h.envelope.txid, Some(p.e_as));
-        self.queue(Some(local), remote, datagram);
+        self.output.queue(Some(local), remote, datagram);
         Ok(())
     }
 
@@ -784,16 +777,7 @@ impl AccountServer {
         let login_id = header.envelope.key_id;
         let Some(mut login) = self.logins.remove(&login_id) else {
             if header.sealed {
-                let answer = unsealed_error(
-                    Role::B,
-                    login_id,
-                    header.envelope.txid,
-                    header.msg_type.to_u8(),
-                    ErrorCode::UnknownKey,
-                );
-                if let Ok(answer) = answer {
-                    self.send_unsealed(now, local, remote, answer);
-                }
+                self.output.unknown_key(now, local, remote, header, Role::B);
             }
             return Err(DropReason::UnknownKey);
         };
@@ -850,7 +834,7 @@ impl AccountServer {
                     return Err(DropReason::Unexpected);
                 }
                 let datagram = login.login_key.seal_to_vec(answer, txid, None);
-                self.queue(Some(local), remote, datagram);
+                self.output.queue(Some(local), remote, datagram);
                 return Ok(());
             }
         };
@@ -878,7 +862,7 @@ impl AccountServer {
                 ErrorCode::RateLimited,
                 retry_after_ms,
             );
-            self.event(AsEvent::LoginFailed {
+            self.output.event(AsEvent::LoginFailed {
                 account,
                 reason: FailureReason::RateLimited { retry_after: wait },
             });
@@ -900,7 +884,7 @@ impl AccountServer {
                 };
                 self.throttle.record_failure(now, &account, source, &limits);
                 self.refuse(now, local, remote, login, txid, ErrorCode::AuthFailed, 0);
-                self.event(AsEvent::LoginFailed { account, reason });
+                self.output.event(AsEvent::LoginFailed { account, reason });
                 return Ok(());
             }
         };
@@ -992,7 +976,7 @@ impl AccountServer {
         }
         .into();
         let datagram = login.login_key.seal_to_vec(&answer, txid, None);
-        self.queue(Some(local), remote, datagram);
+        self.output.queue(Some(local), remote, datagram);
         login.deadline = now + self.config.limits.answer_kept;
         login.phase = Phase::Answered {
             request_txid: txid,
@@ -1003,19 +987,19 @@ impl AccountServer {
 
     fn send_to_dc(&mut self, dc: &Fqdn, addr: SocketAddr, msg: &Message, txid: u32) {
         let Some(key) = self.dc_keys.get_mut(dc) else {
-            self.seal_failures += 1;
+            self.output.seal_failed();
             return;
         };
         let datagram = key.seal_to_vec(msg, txid, None);
         if let Some(through) = key.take_reserved_through() {
             let key_id = key.key_id();
-            self.event(AsEvent::SequenceReserved {
+            self.output.event(AsEvent::SequenceReserved {
                 dc: dc.clone(),
                 key_id,
                 through,
             });
         }
-        self.queue(None, addr, datagram);
+        self.output.queue(None, addr, datagram);
     }
 
     fn on_dc_answer(
@@ -1075,14 +1059,14 @@ impl AccountServer {
                 };
                 let response = d.response.clone();
                 let datagram = login.login_key.seal_to_vec(&response, request_txid, None);
-                self.queue(Some(local), client, datagram);
+                self.output.queue(Some(local), client, datagram);
                 login.deadline = now + self.config.limits.login_response_kept;
                 login.phase = Phase::Answered {
                     request_txid,
                     answer: Box::new(response),
                     timer: AsTimer::LoginResponseKept,
                 };
-                self.event(event);
+                self.output.event(event);
                 Ok(())
             }
             Message::Error(e) => {
@@ -1097,7 +1081,7 @@ impl AccountServer {
                     ErrorCode::Unavailable,
                     0,
                 );
-                self.event(AsEvent::LoginFailed {
+                self.output.event(AsEvent::LoginFailed {
                     account,
                     reason: FailureReason::DcRefused(e.code),
                 });
@@ -1154,7 +1138,7 @@ impl AccountServer {
                                 ErrorCode::Unavailable,
                                 0,
                             );
-                            self.event(AsEvent::LoginFailed {
+                            self.output.event(AsEvent::LoginFailed {
                                 account,
                                 reason: FailureReason::DcUnavailable,
                             });
@@ -1170,11 +1154,11 @@ impl AccountServer {
     /// The next datagram to send, written into `buf` (give it at least
     /// [`ntm_wire::MAX_SIGNALING_LEN`] bytes).
     pub fn poll_transmit(&mut self, _now: Time, buf: &mut [u8]) -> Option<Transmit> {
-        self.outbox.poll_transmit(buf)
+        self.output.poll_transmit(buf)
     }
 
     pub fn poll_event(&mut self) -> Option<AsEvent> {
-        self.events.pop_front()
+        self.output.poll_event()
     }
 
     /// The earliest deadline and what it is for.
@@ -1185,43 +1169,6 @@ impl AccountServer {
             .get(&id)
             .map_or("login entry", |l| l.timer().label());
         Some((at, label))
-    }
-
-    fn event(&mut self, e: AsEvent) {
-        if self.events.len() >= self.config.limits.max_queued_events {
-            self.events_lost += 1;
-        } else {
-            self.events.push_back(e);
-        }
-    }
-
-    fn queue(
-        &mut self,
-        src: Option<SocketAddr>,
-        dst: SocketAddr,
-        datagram: Result<Vec<u8>, crate::signaling::SealError>,
-    ) {
-        match datagram {
-            Ok(d) => {
-                self.outbox.push(src, dst, d);
-            }
-            Err(_) => self.seal_failures += 1,
-        }
-    }
-
-    fn send_unsealed(
-        &mut self,
-        now: Time,
-        local: SocketAddr,
-        remote: SocketAddr,
-        datagram: Vec<u8>,
-    ) {
-        if self
-            .unsealed_errors
-            .allow(now, source_prefix(remote.ip(), 24, 64))
-        {
-            self.outbox.push(Some(local), remote, datagram);
-        }
     }
 }
 

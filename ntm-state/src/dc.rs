@@ -75,7 +75,7 @@
 
 use core::fmt;
 use core::time::Duration;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ntm_wire::error::Replay;
@@ -90,8 +90,7 @@ use ntm_wire::{
 use rand_core::{CryptoRng, RngCore};
 
 use crate::signaling::{
-    server_intake, source_prefix, unsealed_error, DropCounters, DropReason, Outbox, PrefixLimiter,
-    SealError, SignalingKey, Transmit,
+    server_intake, DropCounters, DropReason, SealError, ServerOutput, SignalingKey, Transmit,
 };
 use crate::time::Time;
 
@@ -631,11 +630,7 @@ pub struct DirectionCoordinator {
     /// The lowest pair number that may be free.
     next_pair: u32,
     deadlines: BTreeSet<(Time, Due)>,
-    unsealed_errors: PrefixLimiter,
-    outbox: Outbox,
-    events: VecDeque<DcEvent>,
-    events_lost: u64,
-    seal_failures: u64,
+    output: ServerOutput<DcEvent>,
     drops: DropCounters,
 }
 
@@ -703,15 +698,12 @@ impl DirectionCoordinator {
             used_pairs: Vec::new(),
             next_pair: 1,
             deadlines: BTreeSet::new(),
-            unsealed_errors: PrefixLimiter::new(
+            output: ServerOutput::new(
+                l.max_queued_transmits,
+                l.max_queued_events,
                 l.unsealed_errors_per_second,
-                Duration::from_secs(1),
                 l.max_tracked_prefixes,
             ),
-            outbox: Outbox::new(l.max_queued_transmits),
-            events: VecDeque::new(),
-            events_lost: 0,
-            seal_failures: 0,
             drops: DropCounters::default(),
             config,
         };
@@ -749,7 +741,7 @@ impl DirectionCoordinator {
 
     /// Events lost because the queue was full.
     pub fn events_lost(&self) -> u64 {
-        self.events_lost
+        self.output.events_lost()
     }
 
     /// Nodes known (with a key or a virtual pair), registered or not.
@@ -922,7 +914,7 @@ impl DirectionCoordinator {
             Ok(h) => h,
             Err(refusal) => {
                 if let Some(answer) = refusal.answer {
-                    self.send_unsealed(now, local, remote, answer);
+                    self.output.send_unsealed(now, local, remote, answer);
                 }
                 return Err(refusal.reason);
             }
@@ -950,7 +942,7 @@ impl DirectionCoordinator {
     ) -> Result<(), DropReason> {
         if header.envelope.key_id != self.config.as_key_id {
             if header.sealed {
-                self.unknown_key(now, local, remote, header);
+                self.output.unknown_key(now, local, remote, header, Role::B);
             }
             return Err(DropReason::UnknownKey);
         }
@@ -1021,9 +1013,10 @@ impl DirectionCoordinator {
         let datagram = self.as_key.seal_to_vec(msg, txid, None);
         if let Some(through) = self.as_key.take_reserved_through() {
             let key_id = self.as_key.key_id();
-            self.event(DcEvent::SequenceReserved { key_id, through });
+            self.output
+                .event(DcEvent::SequenceReserved { key_id, through });
         }
-        self.queue(Some(local), remote, datagram);
+        self.output.queue(Some(local), remote, datagram);
     }
 
     // -- From nodes ----------------------------------------------------------------------------
@@ -1041,7 +1034,7 @@ impl DirectionCoordinator {
             // A KEEPALIVE may not ask for an answer, and without the key nobody can tell: only
             // REGISTRATION_REQUEST gets the hint.
             if header.sealed && header.msg_type == MessageType::RegistrationRequest {
-                self.unknown_key(now, local, remote, header);
+                self.output.unknown_key(now, local, remote, header, Role::B);
             }
             return Err(DropReason::UnknownKey);
         };
@@ -1204,7 +1197,7 @@ impl DirectionCoordinator {
             if newly {
                 self.registered += 1;
             }
-            self.event(DcEvent::NodeRegistered {
+            self.output.event(DcEvent::NodeRegistered {
                 fqdn: r.node_fqdn,
                 vip4: vaddrs.v4,
                 vip6: vaddrs.v6,
@@ -1275,7 +1268,7 @@ impl DirectionCoordinator {
             .unwrap_or(false);
         if ended {
             self.registered = self.registered.saturating_sub(1);
-            self.event(event);
+            self.output.event(event);
         }
     }
 
@@ -1291,20 +1284,7 @@ impl DirectionCoordinator {
             Some((_, s)) => s.key.seal(key_id, msg, txid),
             None => Err(SealError::Exhausted),
         };
-        self.queue(Some(local), remote, datagram);
-    }
-
-    fn unknown_key(&mut self, now: Time, local: SocketAddr, remote: SocketAddr, header: &Header) {
-        let answer = unsealed_error(
-            Role::B,
-            header.envelope.key_id,
-            header.envelope.txid,
-            header.msg_type.to_u8(),
-            ErrorCode::UnknownKey,
-        );
-        if let Ok(answer) = answer {
-            self.send_unsealed(now, local, remote, answer);
-        }
+        self.output.queue(Some(local), remote, datagram);
     }
 
     // -- Time and output -----------------------------------------------------------------------
@@ -1385,11 +1365,11 @@ impl DirectionCoordinator {
     /// The next datagram to send, written into `buf` (give it at least
     /// [`ntm_wire::MAX_SIGNALING_LEN`] bytes).
     pub fn poll_transmit(&mut self, _now: Time, buf: &mut [u8]) -> Option<Transmit> {
-        self.outbox.poll_transmit(buf)
+        self.output.poll_transmit(buf)
     }
 
     pub fn poll_event(&mut self) -> Option<DcEvent> {
-        self.events.pop_front()
+        self.output.poll_event()
     }
 
     /// The earliest deadline and what it is for.
@@ -1412,43 +1392,6 @@ impl DirectionCoordinator {
             }
         };
         Some((at, label))
-    }
-
-    fn event(&mut self, e: DcEvent) {
-        if self.events.len() >= self.config.limits.max_queued_events {
-            self.events_lost = self.events_lost.saturating_add(1);
-        } else {
-            self.events.push_back(e);
-        }
-    }
-
-    fn queue(
-        &mut self,
-        src: Option<SocketAddr>,
-        dst: SocketAddr,
-        datagram: Result<Vec<u8>, SealError>,
-    ) {
-        match datagram {
-            Ok(d) => {
-                self.outbox.push(src, dst, d);
-            }
-            Err(_) => self.seal_failures = self.seal_failures.saturating_add(1),
-        }
-    }
-
-    fn send_unsealed(
-        &mut self,
-        now: Time,
-        local: SocketAddr,
-        remote: SocketAddr,
-        datagram: Vec<u8>,
-    ) {
-        if self
-            .unsealed_errors
-            .allow(now, source_prefix(remote.ip(), 24, 64))
-        {
-            self.outbox.push(Some(local), remote, datagram);
-        }
     }
 }
 

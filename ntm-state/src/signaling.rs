@@ -407,6 +407,128 @@ pub fn version_not_supported(role: Role, datagram: &[u8]) -> Option<Vec<u8>> {
     unsealed_error(role, 0, txid, failed_type, ErrorCode::VersionNotSupported).ok()
 }
 
+/// Everything a server hands back to its driver: datagrams for `poll_transmit`, events for
+/// `poll_event`, and unsealed ERROR hints, rate-limited per source prefix so that forged traffic
+/// cannot turn a server into a reflector. Every queue is bounded; what does not fit is counted.
+#[derive(Clone, Debug)]
+pub struct ServerOutput<E> {
+    outbox: Outbox,
+    events: VecDeque<E>,
+    max_events: usize,
+    events_lost: u64,
+    seal_failures: u64,
+    unsealed_errors: PrefixLimiter,
+}
+
+impl<E> ServerOutput<E> {
+    /// Bounds: queued datagrams, queued events, unsealed ERRORs per second per source prefix
+    /// (/24 for IPv4, /64 for IPv6), and how many prefixes the limiter tracks.
+    pub fn new(
+        max_transmits: usize,
+        max_events: usize,
+        unsealed_per_second: u32,
+        max_tracked_prefixes: usize,
+    ) -> Self {
+        ServerOutput {
+            outbox: Outbox::new(max_transmits),
+            events: VecDeque::new(),
+            max_events,
+            events_lost: 0,
+            seal_failures: 0,
+            unsealed_errors: PrefixLimiter::new(
+                unsealed_per_second,
+                Duration::from_secs(1),
+                max_tracked_prefixes,
+            ),
+        }
+    }
+
+    /// Queues an event, or counts it as lost when the queue is full.
+    pub fn event(&mut self, e: E) {
+        if self.events.len() >= self.max_events {
+            self.events_lost = self.events_lost.saturating_add(1);
+        } else {
+            self.events.push_back(e);
+        }
+    }
+
+    /// Queues a sealed datagram, or counts the failure to seal it.
+    pub fn queue(
+        &mut self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        datagram: Result<Vec<u8>, SealError>,
+    ) {
+        match datagram {
+            Ok(d) => {
+                // A full outbox counts the datagram itself.
+                self.outbox.push(src, dst, d);
+            }
+            Err(_) => self.seal_failed(),
+        }
+    }
+
+    /// Counts a datagram that could not be sealed (no key, or the key is exhausted).
+    pub fn seal_failed(&mut self) {
+        self.seal_failures = self.seal_failures.saturating_add(1);
+    }
+
+    /// Queues an unsealed datagram (an ERROR hint) unless the sender's prefix used its share.
+    pub fn send_unsealed(
+        &mut self,
+        now: Time,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: Vec<u8>,
+    ) {
+        if self
+            .unsealed_errors
+            .allow(now, source_prefix(remote.ip(), 24, 64))
+        {
+            self.outbox.push(Some(local), remote, datagram);
+        }
+    }
+
+    /// Answers a request under a key this server does not hold with an unsealed ERROR
+    /// UnknownKey (spec/07), sent as `role`.
+    pub fn unknown_key(
+        &mut self,
+        now: Time,
+        local: SocketAddr,
+        remote: SocketAddr,
+        header: &Header,
+        role: Role,
+    ) {
+        if let Ok(answer) = unsealed_error(
+            role,
+            header.envelope.key_id,
+            header.envelope.txid,
+            header.msg_type.to_u8(),
+            ErrorCode::UnknownKey,
+        ) {
+            self.send_unsealed(now, local, remote, answer);
+        }
+    }
+
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        self.outbox.poll_transmit(buf)
+    }
+
+    pub fn poll_event(&mut self) -> Option<E> {
+        self.events.pop_front()
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost
+    }
+
+    /// Datagrams that could not be sealed.
+    pub fn seal_failures(&self) -> u64 {
+        self.seal_failures
+    }
+}
+
 /// Why a server refused a datagram before looking at its type, and what (if anything) it answers.
 #[derive(Debug)]
 pub struct Refusal {
@@ -807,6 +929,34 @@ impl PrefixLimiter {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn server_output_bounds_events_counts_seal_failures_and_limits_unsealed_answers() {
+        let mut out: ServerOutput<u32> = ServerOutput::new(64, 2, 3, 16);
+        for e in 0..5 {
+            out.event(e);
+        }
+        assert_eq!(out.events_lost(), 3);
+        assert_eq!(
+            (out.poll_event(), out.poll_event(), out.poll_event()),
+            (Some(0), Some(1), None)
+        );
+
+        let dst: SocketAddr = "198.51.100.7:4285".parse().unwrap();
+        out.queue(None, dst, Err(SealError::Exhausted));
+        assert_eq!(out.seal_failures(), 1);
+
+        let local: SocketAddr = "203.0.113.1:4281".parse().unwrap();
+        for _ in 0..10 {
+            out.send_unsealed(Time::ZERO, local, dst, vec![0; UNSEALED_ERROR_LEN]);
+        }
+        let mut buf = [0u8; 64];
+        let mut sent = 0;
+        while out.poll_transmit(&mut buf).is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 3, "three unsealed answers per second per prefix");
+    }
     #[test]
     fn server_intake_answers_only_another_version_and_refuses_data_and_garbage() {
         let mut data = vec![0u8; 40];
