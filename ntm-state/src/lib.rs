@@ -14,6 +14,7 @@
 //! * [`dc::DirectionCoordinator`], the DC's registry so far: node↔DC keys from the AS, virtual
 //!   address pairs stable per FQDN, registrations with their observed addresses, keep-alives;
 //! * [`registration::Registrar`], the node's side of registration, NAT detection and upkeep;
+//! * [`route`], route selection (spec/06): the pure decision a DC takes for each tunnel;
 //! * [`time::Time`], the virtual time every machine is driven with;
 //! * [`sim`], a deterministic whole-network simulator (hosts, links, RFC 4787 NATs, IPv4/IPv6,
 //!   moving hosts) in virtual time, for tests that run the machines against each other.
@@ -26,6 +27,7 @@ pub mod as_server;
 pub mod dc;
 pub mod login;
 pub mod registration;
+pub mod route;
 pub mod signaling;
 pub mod sim;
 pub mod time;
