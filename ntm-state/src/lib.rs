@@ -26,6 +26,7 @@
 pub mod as_server;
 pub mod dc;
 pub mod login;
+pub mod node;
 pub mod registration;
 pub mod route;
 pub mod signaling;

@@ -553,20 +553,39 @@ impl Registrar {
             // Unsealed ERROR (UnknownKey): a hint only; the retransmissions go on.
             return Err(DropReason::UnsealedHint);
         }
-        let txid = header.envelope.txid;
+        match self.handle_opened(now, header.envelope.txid, msg, rng) {
+            Ok(r) => r,
+            Err(_) => Err(DropReason::Unexpected),
+        }
+    }
+
+    /// The node↔DC key, which the node also uses for its directions (spec/05 §5.5).
+    pub(crate) fn key_mut(&mut self) -> &mut SignalingKey {
+        &mut self.key
+    }
+
+    /// An authenticated message under the node↔DC key: taken when it answers one of the
+    /// registrar's requests, else handed back.
+    pub(crate) fn handle_opened<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Time,
+        txid: u32,
+        msg: Message,
+        rng: &mut R,
+    ) -> Result<Result<(), DropReason>, Message> {
         for f in 0..2 {
             let Some(leg) = self.legs.get(f).and_then(Option::as_ref) else {
                 continue;
             };
             if leg.request.as_ref().is_some_and(|r| r.tx.txid() == txid) {
-                return self.on_registration_answer(now, f, msg, rng);
+                return Ok(self.on_registration_answer(now, f, msg, rng));
             }
             let probe = leg.probes.iter().position(|p| *p == Probe::Pending(txid));
             if let Some(i) = probe {
-                return self.on_probe_answer(now, f, i, msg, rng);
+                return Ok(self.on_probe_answer(now, f, i, msg, rng));
             }
         }
-        Err(DropReason::Unexpected)
+        Err(msg)
     }
 
     fn on_registration_answer<R: RngCore + CryptoRng>(

@@ -90,9 +90,13 @@ use ntm_wire::{
 use rand_core::{CryptoRng, RngCore};
 
 use crate::signaling::{
-    server_intake, DropCounters, DropReason, SealError, ServerOutput, SignalingKey, Transmit,
+    server_intake, DropCounters, DropReason, RetransmitConfig, SealError, ServerOutput,
+    SignalingKey, Transmit,
 };
 use crate::time::Time;
+
+mod directions;
+pub use directions::{AccessPolicy, PathStatus, RelayLink};
 
 /// The gaps a session's replay window remembers (see the module documentation).
 pub const REPLAY_GAPS: usize = 4;
@@ -167,6 +171,8 @@ pub struct DcLimits {
     pub max_queued_events: usize,
     /// Sequence numbers reserved at a time under the AS↔DC key (spec/04 §4.7).
     pub sequence_block: u64,
+    /// Paths recorded at once (each holds its credentials until its lifetime ends).
+    pub max_paths: usize,
 }
 
 impl Default for DcLimits {
@@ -180,6 +186,7 @@ impl Default for DcLimits {
             max_queued_transmits: 1024,
             max_queued_events: 1024,
             sequence_block: 1 << 16,
+            max_paths: 65_536,
         }
     }
 }
@@ -205,6 +212,16 @@ pub struct DcConfig {
     pub registration_lifetime: Duration,
     /// Keep-alive interval for a node behind a NAT: 25 s.
     pub keepalive_interval: Duration,
+    /// The RSs the DC directs relayed paths through, in order of preference on equal load.
+    pub relays: Vec<RelayLink>,
+    /// Who may reach whom; everyone by default.
+    pub access: AccessPolicy,
+    /// ROUTE_DIRECTION.lifetime_s and RELAY_REQUEST.lifetime_s: 24 h, cut to the sessions' life.
+    pub direction_lifetime: Duration,
+    /// RELAY_REQUEST.rate_limit_kbps: 0 leaves it to the RS.
+    pub relay_rate_limit_kbps: u32,
+    /// The retransmission schedule of the DC's own requests (ROUTE_DIRECTION, RELAY_REQUEST).
+    pub retransmit: RetransmitConfig,
     pub limits: DcLimits,
 }
 
@@ -227,6 +244,11 @@ impl DcConfig {
             assignments: BTreeMap::new(),
             registration_lifetime: Duration::from_secs(600),
             keepalive_interval: Duration::from_secs(25),
+            relays: Vec::new(),
+            access: AccessPolicy::open(),
+            direction_lifetime: Duration::from_secs(24 * 3600),
+            relay_rate_limit_kbps: 0,
+            retransmit: RetransmitConfig::default(),
             limits: DcLimits::default(),
         }
     }
@@ -541,7 +563,6 @@ struct Registration {
     local_addrs: Box<[Endpoint]>,
     /// Per family, IPv4 first.
     observed: [Option<Seen>; 2],
-    public_key: PublicKeyBytes,
     nat: NatBehaviour,
     wants_notification: bool,
 }
@@ -577,6 +598,9 @@ struct Node {
     fqdn: Fqdn,
     /// The pair number of its virtual addresses; 0 before the first registration.
     pair: u32,
+    /// The static public key of its latest registration (kept after it ends: an offline node's
+    /// callers seal cache blobs to it); all zero before the first registration.
+    public_key: PublicKeyBytes,
     /// The session of its latest registration, kept (after the registration ends too) until it
     /// expires or a registration under a newer one replaces it.
     session: Option<(u32, Session)>,
@@ -630,6 +654,7 @@ pub struct DirectionCoordinator {
     /// The lowest pair number that may be free.
     next_pair: u32,
     deadlines: BTreeSet<(Time, Due)>,
+    directions: directions::Directions,
     output: ServerOutput<DcEvent>,
     drops: DropCounters,
 }
@@ -698,6 +723,7 @@ impl DirectionCoordinator {
             used_pairs: Vec::new(),
             next_pair: 1,
             deadlines: BTreeSet::new(),
+            directions: directions::Directions::new(&config.relays),
             output: ServerOutput::new(
                 l.max_queued_transmits,
                 l.max_queued_events,
@@ -784,7 +810,7 @@ impl DirectionCoordinator {
             local_addrs: reg.local_addrs.iter().map(|e| e.socket_addr()).collect(),
             observed,
             nat: [reg.nat(0), reg.nat(1)],
-            public_key: reg.public_key,
+            public_key: node.public_key,
             wants_notification: reg.wants_notification,
             session_key_id: *session_key_id,
             expires: reg.expires,
@@ -818,6 +844,7 @@ impl DirectionCoordinator {
         let node = Node {
             fqdn: fqdn.clone(),
             pair: 0,
+            public_key: [0; 32],
             session: None,
             reg: None,
         };
@@ -896,19 +923,20 @@ impl DirectionCoordinator {
         local: SocketAddr,
         remote: SocketAddr,
         buf: &mut [u8],
-        _rng: &mut R,
+        rng: &mut R,
     ) {
-        if let Err(reason) = self.dispatch(now, local, remote, buf) {
+        if let Err(reason) = self.dispatch(now, local, remote, buf, rng) {
             self.drops.record(&reason);
         }
     }
 
-    fn dispatch(
+    fn dispatch<R: RngCore + CryptoRng>(
         &mut self,
         now: Time,
         local: SocketAddr,
         remote: SocketAddr,
         buf: &mut [u8],
+        rng: &mut R,
     ) -> Result<(), DropReason> {
         let header = match server_intake(buf, Role::B) {
             Ok(h) => h,
@@ -919,13 +947,21 @@ impl DirectionCoordinator {
                 return Err(refusal.reason);
             }
         };
+        let key_id = header.envelope.key_id;
         match header.msg_type {
             MessageType::KeyDistribution => {
                 self.on_key_distribution(now, local, remote, buf, &header)
             }
-            MessageType::RegistrationRequest | MessageType::Keepalive => {
-                self.on_node_request(now, local, remote, buf, &header)
+            MessageType::RelayResponse | MessageType::Ack | MessageType::Error
+                if self.directions.is_relay_key(key_id) =>
+            {
+                self.on_relay_datagram(now, buf, key_id, rng)
             }
+            MessageType::RegistrationRequest
+            | MessageType::Keepalive
+            | MessageType::DirectionRequest
+            | MessageType::Ack
+            | MessageType::Error => self.on_node_request(now, local, remote, buf, &header, rng),
             _ => Err(DropReason::Unexpected),
         }
     }
@@ -1021,13 +1057,14 @@ impl DirectionCoordinator {
 
     // -- From nodes ----------------------------------------------------------------------------
 
-    fn on_node_request(
+    fn on_node_request<R: RngCore + CryptoRng>(
         &mut self,
         now: Time,
         local: SocketAddr,
         remote: SocketAddr,
         buf: &mut [u8],
         header: &Header,
+        rng: &mut R,
     ) -> Result<(), DropReason> {
         let key_id = header.envelope.key_id;
         let Some((node_idx, session)) = self.session_mut(key_id) else {
@@ -1041,13 +1078,16 @@ impl DirectionCoordinator {
         let opened = match session.key.open(key_id, buf) {
             Ok(o) => o,
             Err(DropReason::UndecodableBody(e))
-                if header.msg_type == MessageType::RegistrationRequest =>
+                if matches!(
+                    header.msg_type,
+                    MessageType::RegistrationRequest | MessageType::DirectionRequest
+                ) =>
             {
                 let code = match e {
                     WireError::UnknownCriticalExtension(_) => ErrorCode::UnknownCriticalExtension,
                     _ => ErrorCode::Malformed,
                 };
-                let error = error_msg(code, MessageType::RegistrationRequest);
+                let error = error_msg(code, header.msg_type);
                 self.send_to_node(local, remote, key_id, &error, header.envelope.txid);
                 return Err(DropReason::UndecodableBody(e));
             }
@@ -1059,7 +1099,7 @@ impl DirectionCoordinator {
         let txid = opened.header.envelope.txid;
         if session.expired {
             let answer = match &opened.msg {
-                Message::RegistrationRequest(_) => true,
+                Message::RegistrationRequest(_) | Message::DirectionRequest(_) => true,
                 Message::Keepalive(k) => k.reply_requested,
                 _ => false,
             };
@@ -1103,6 +1143,20 @@ impl DirectionCoordinator {
                 };
                 self.on_registration(now, from, node_idx, r);
                 Ok(())
+            }
+            Message::DirectionRequest(d) => {
+                let from = Sender {
+                    local,
+                    remote,
+                    via,
+                    key_id,
+                    txid,
+                };
+                self.on_direction_request(now, from, node_idx, d, rng);
+                Ok(())
+            }
+            msg @ (Message::Ack(_) | Message::Error(_)) => {
+                self.on_direction_answer(now, key_id, txid, msg, rng)
             }
             Message::Keepalive(k) => {
                 if k.reply_requested {
@@ -1186,13 +1240,15 @@ impl DirectionCoordinator {
                 last_heard: now,
                 local_addrs,
                 observed,
-                public_key: r.node_public_key,
                 nat: r.nat_mapping,
                 wants_notification: r.wants_notification,
             };
             self.adopt_session(node_idx, key_id);
             let newly = self
-                .with_node(node_idx, |n| n.reg.replace(reg).is_none())
+                .with_node(node_idx, |n| {
+                    n.public_key = r.node_public_key;
+                    n.reg.replace(reg).is_none()
+                })
                 .unwrap_or(false);
             if newly {
                 self.registered += 1;
@@ -1290,7 +1346,8 @@ impl DirectionCoordinator {
     // -- Time and output -----------------------------------------------------------------------
 
     /// Timers due at `now` fire: registrations lapse, session keys expire and are forgotten.
-    pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, _rng: &mut R) {
+    pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
+        self.directions_timeout(now, rng);
         while let Some(&(at, due)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -1374,6 +1431,14 @@ impl DirectionCoordinator {
 
     /// The earliest deadline and what it is for.
     pub fn poll_timeout(&self) -> Option<(Time, &'static str)> {
+        let registry = self.registry_deadline();
+        match (registry, self.directions.next_deadline()) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn registry_deadline(&self) -> Option<(Time, &'static str)> {
         let &(at, due) = self.deadlines.first()?;
         let label = match due {
             Due::Pending(id) => match self.pending.get(&id) {
@@ -1396,7 +1461,7 @@ impl DirectionCoordinator {
 }
 
 /// Who sent a request, and where it arrived.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Sender {
     local: SocketAddr,
     remote: SocketAddr,
@@ -1631,7 +1696,7 @@ mod tests {
 
     #[test]
     fn the_gap_window_decides_the_golden_replay_vector_like_the_full_window() {
-        let text = include_str!("../../vectors/crypto/replay_window.toml");
+        let text = include_str!("../../../vectors/crypto/replay_window.toml");
         let list = |key: &str| -> Vec<String> {
             let line = text.lines().find(|l| l.starts_with(key)).unwrap();
             let inner = line.split_once('[').unwrap().1.trim_end_matches(']');
