@@ -26,6 +26,7 @@ pub mod as_server;
 pub mod dc;
 pub mod login;
 pub mod registration;
+pub mod rs;
 pub mod signaling;
 pub mod sim;
 pub mod time;
