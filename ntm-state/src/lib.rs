@@ -29,6 +29,7 @@ pub mod login;
 pub mod node;
 pub mod registration;
 pub mod route;
+pub mod rs;
 pub mod signaling;
 pub mod sim;
 pub mod time;
