@@ -572,7 +572,7 @@ impl Registrar {
         txid: u32,
         msg: Message,
         rng: &mut R,
-    ) -> Result<Result<(), DropReason>, Message> {
+    ) -> Result<Result<(), DropReason>, Box<Message>> {
         for f in 0..2 {
             let Some(leg) = self.legs.get(f).and_then(Option::as_ref) else {
                 continue;
@@ -585,7 +585,7 @@ impl Registrar {
                 return Ok(self.on_probe_answer(now, f, i, msg, rng));
             }
         }
-        Err(msg)
+        Err(Box::new(msg))
     }
 
     fn on_registration_answer<R: RngCore + CryptoRng>(

@@ -201,10 +201,6 @@ impl Directions {
         self.relays.iter().any(|r| r.link.key_id == key_id)
     }
 
-    pub(super) fn paths_live(&self) -> usize {
-        self.paths.len()
-    }
-
     pub(super) fn next_deadline(&self) -> Option<(Time, &'static str)> {
         let &(at, due) = self.deadlines.first()?;
         let label = match due {
@@ -248,10 +244,7 @@ impl DirectionCoordinator {
                 target: p.target_fqdn.clone(),
                 route: p.plan.route,
                 reason: p.plan.reason,
-                relay: p
-                    .relay
-                    .and_then(|i| d.relays.get(i))
-                    .map(|r| r.link.addr),
+                relay: p.relay.and_then(|i| d.relays.get(i)).map(|r| r.link.addr),
                 acked: p.acked,
                 expires: p.expires,
             })
@@ -336,7 +329,11 @@ impl DirectionCoordinator {
             .node(node_idx)
             .is_some_and(|n| n.reg.is_some() && self.by_key.get(&from.key_id) == Some(&node_idx));
         if !registered {
-            self.answer_direction(now, from, error_msg(ErrorCode::WrongState, MessageType::DirectionRequest));
+            self.answer_direction(
+                now,
+                from,
+                error_msg(ErrorCode::WrongState, MessageType::DirectionRequest),
+            );
             return;
         }
         let Some(requester_fqdn) = self.node(node_idx).map(|n| n.fqdn.clone()) else {
@@ -344,7 +341,11 @@ impl DirectionCoordinator {
         };
         if !super::is_node_of(&req.peer_fqdn, &self.config.zone) {
             // Another domain's node: the two-domain procedure is not wired in yet.
-            self.answer_direction(now, from, error_msg(ErrorCode::NotFound, MessageType::DirectionRequest));
+            self.answer_direction(
+                now,
+                from,
+                error_msg(ErrorCode::NotFound, MessageType::DirectionRequest),
+            );
             return;
         }
         // Concealment (spec/07 §7.4): a missing name and a hidden one take the same steps and
@@ -357,7 +358,11 @@ impl DirectionCoordinator {
         let target = match target {
             Some(t) if allowed && t != node_idx && self.node(t).is_some_and(|n| n.pair != 0) => t,
             _ => {
-                self.answer_direction(now, from, error_msg(ErrorCode::NotFound, MessageType::DirectionRequest));
+                self.answer_direction(
+                    now,
+                    from,
+                    error_msg(ErrorCode::NotFound, MessageType::DirectionRequest),
+                );
                 return;
             }
         };
@@ -370,11 +375,15 @@ impl DirectionCoordinator {
             return;
         };
         let rebuild = req.rebuild_path_id != 0
-            && self.directions.paths.get(&req.rebuild_path_id).is_some_and(|p| {
-                matches!((&p.requester, &p.target),
+            && self
+                .directions
+                .paths
+                .get(&req.rebuild_path_id)
+                .is_some_and(|p| {
+                    matches!((&p.requester, &p.target),
                     (Party::Local(a), Party::Local(b))
                         if (*a == node_idx && *b == target) || (*a == target && *b == node_idx))
-            });
+                });
         if rebuild {
             self.forget_path(req.rebuild_path_id);
         }
@@ -424,7 +433,11 @@ impl DirectionCoordinator {
     /// retransmissions.
     fn answer_direction(&mut self, now: Time, from: Sender, msg: Message) {
         self.send_to_node(from.local, from.remote, from.key_id, &msg, from.txid);
-        self.remember_answer(now, (from.key_id, from.txid), Answered::Message(Box::new(msg)));
+        self.remember_answer(
+            now,
+            (from.key_id, from.txid),
+            Answered::Message(Box::new(msg)),
+        );
     }
 
     fn remember_answer(&mut self, now: Time, key: (u32, u32), answered: Answered) {
@@ -448,7 +461,11 @@ impl DirectionCoordinator {
     ) {
         let limit = self.config.limits.max_paths;
         if self.directions.paths.len() >= limit {
-            self.answer_direction(now, from, error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest));
+            self.answer_direction(
+                now,
+                from,
+                error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest),
+            );
             return;
         }
         let path_id = loop {
@@ -478,7 +495,14 @@ impl DirectionCoordinator {
         };
         if relayed {
             let Some(relay) = self.next_relay(&record.plan, &[]) else {
-                self.answer_direction(now, from, error_msg(self.no_relay_code(&record.plan), MessageType::DirectionRequest));
+                self.answer_direction(
+                    now,
+                    from,
+                    error_msg(
+                        self.no_relay_code(&record.plan),
+                        MessageType::DirectionRequest,
+                    ),
+                );
                 return;
             };
             record.state = PathState::AwaitingRelay {
@@ -615,7 +639,10 @@ impl DirectionCoordinator {
         let key = (key_id, tx.txid());
         d.deadlines
             .insert((tx.deadline(), Due::Outstanding(key.0, key.1)));
-        if let Some(old) = d.outstanding.insert(key, Outstanding { tx, purpose, local }) {
+        if let Some(old) = d
+            .outstanding
+            .insert(key, Outstanding { tx, purpose, local })
+        {
             d.deadlines
                 .remove(&(old.tx.deadline(), Due::Outstanding(key.0, key.1)));
         }
@@ -806,7 +833,9 @@ impl DirectionCoordinator {
     /// Forgets a path and every request outstanding for it.
     fn forget_path(&mut self, path_id: u32) -> Option<PathRecord> {
         let p = self.directions.paths.remove(&path_id)?;
-        self.directions.deadlines.remove(&(p.expires, Due::Path(path_id)));
+        self.directions
+            .deadlines
+            .remove(&(p.expires, Due::Path(path_id)));
         let keys: Vec<(u32, u32)> = self
             .directions
             .outstanding
@@ -921,12 +950,22 @@ impl DirectionCoordinator {
             self.directions.deadlines.remove(&(at, due));
             match due {
                 Due::Answer(k, t) => {
-                    if self.directions.answers.get(&(k, t)).is_some_and(|(_, e)| *e == at) {
+                    if self
+                        .directions
+                        .answers
+                        .get(&(k, t))
+                        .is_some_and(|(_, e)| *e == at)
+                    {
                         self.directions.answers.remove(&(k, t));
                     }
                 }
                 Due::Path(path_id) => {
-                    if self.directions.paths.get(&path_id).is_some_and(|p| p.expires == at) {
+                    if self
+                        .directions
+                        .paths
+                        .get(&path_id)
+                        .is_some_and(|p| p.expires == at)
+                    {
                         self.forget_path(path_id);
                     }
                 }
@@ -935,12 +974,7 @@ impl DirectionCoordinator {
         }
     }
 
-    fn outstanding_due<R: RngCore + CryptoRng>(
-        &mut self,
-        now: Time,
-        key: (u32, u32),
-        rng: &mut R,
-    ) {
+    fn outstanding_due<R: RngCore + CryptoRng>(&mut self, now: Time, key: (u32, u32), rng: &mut R) {
         let cfg = self.config.retransmit;
         let Some(o) = self.directions.outstanding.get_mut(&key) else {
             return;

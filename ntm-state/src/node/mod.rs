@@ -44,9 +44,7 @@ use ntm_wire::{
 use rand_core::{CryptoRng, RngCore};
 
 use crate::login::{LoginClient, LoginConfig, LoginConfigError, LoginEvent, LoginFailure, Session};
-use crate::registration::{
-    Registrar, RegistrarConfig, RegistrationEvent, RegistrationFailure,
-};
+use crate::registration::{Registrar, RegistrarConfig, RegistrationEvent, RegistrationFailure};
 use crate::signaling::{
     DropCounters, DropReason, Expiry, Outbox, RetransmitConfig, RttTable, Transaction, Transmit,
 };
@@ -219,20 +217,33 @@ pub enum NodeError {
     Login(LoginFailure),
     Registration(RegistrationFailure),
     /// The DC refused a direction (NotFound, NoRoute, RelayUnavailable, ...).
-    Direction { peer: Fqdn, code: ErrorCode },
+    Direction {
+        peer: Fqdn,
+        code: ErrorCode,
+    },
     /// No answer from the DC to a DIRECTION_REQUEST.
-    DirectionTimeout { peer: Fqdn },
+    DirectionTimeout {
+        peer: Fqdn,
+    },
     /// A tunnel could not be established on its direction, nor on a rebuilt one.
-    Unreachable { peer: Fqdn },
+    Unreachable {
+        peer: Fqdn,
+    },
 }
 
 /// What the node tells its application.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NodeEvent {
-    LoggedIn { fqdn: Fqdn },
+    LoggedIn {
+        fqdn: Fqdn,
+    },
     /// A family registered (again); the virtual addresses never change.
-    Registered { vip4: Ipv4Addr, vip6: Ipv6Addr, observed: SocketAddr },
+    Registered {
+        vip4: Ipv4Addr,
+        vip6: Ipv6Addr,
+        observed: SocketAddr,
+    },
     /// A tunnel is up: the peer's virtual addresses are usable.
     TunnelUp {
         peer: Fqdn,
@@ -242,10 +253,21 @@ pub enum NodeEvent {
         path: TunnelPath,
     },
     /// A tunnel's path changed (handover, route optimization, demotion).
-    PathChanged { peer: Fqdn, path_id: u32, path: TunnelPath },
-    TunnelDown { peer: Fqdn, path_id: u32, reason: DownReason },
+    PathChanged {
+        peer: Fqdn,
+        path_id: u32,
+        path: TunnelPath,
+    },
+    TunnelDown {
+        peer: Fqdn,
+        path_id: u32,
+        reason: DownReason,
+    },
     /// The peer exists but is offline; blobs sealed to `public_key` can be left at the CS.
-    PeerOffline { peer: Fqdn, public_key: [u8; 32] },
+    PeerOffline {
+        peer: Fqdn,
+        public_key: [u8; 32],
+    },
     Error(NodeError),
 }
 
@@ -363,7 +385,8 @@ impl Node {
         if config.local_addrs.is_empty() || config.local_addrs.len() > ntm_wire::AddrList::MAX {
             return Err(NodeConfigError::Addresses);
         }
-        let login = LoginClient::new(config.login.clone(), password).map_err(NodeConfigError::Login)?;
+        let login =
+            LoginClient::new(config.login.clone(), password).map_err(NodeConfigError::Login)?;
         let l = config.limits;
         Ok(Node {
             static_public: x25519_public(config.static_secret.expose()),
@@ -486,8 +509,8 @@ impl Node {
                 header.msg_type,
                 MessageType::ConfigResponse | MessageType::LoginResponse | MessageType::Error
             )
-            && self.pending.get(&key_id).is_none()
-            && self.tunnels.get(&key_id).is_none()
+            && !self.pending.contains_key(&key_id)
+            && !self.tunnels.contains_key(&key_id)
         {
             self.login.handle_datagram(now, local, remote, buf, rng);
             self.after_login(now, rng);
@@ -581,7 +604,7 @@ impl Node {
                 self.after_registrar();
                 return result;
             }
-            Err(msg) => msg,
+            Err(msg) => *msg,
         };
         match msg {
             Message::RouteDirection(rd) => {
@@ -688,7 +711,9 @@ impl Node {
         let lookup = self.lookups.remove(&peer);
         self.queued.remove(&peer);
         if lookup.is_some_and(|l| l.rebuild_path_id != 0) {
-            self.event(NodeEvent::Error(NodeError::Unreachable { peer: peer.clone() }));
+            self.event(NodeEvent::Error(NodeError::Unreachable {
+                peer: peer.clone(),
+            }));
         }
         self.event(NodeEvent::Error(NodeError::Direction { peer, code }));
         Ok(())
@@ -726,7 +751,10 @@ impl Node {
             return;
         }
         // A retransmission of a direction already taken is ACKed again and not acted on.
-        let known = self.pending.get(&rd.path_id).is_some_and(|p| p.dc_txid == txid)
+        let known = self
+            .pending
+            .get(&rd.path_id)
+            .is_some_and(|p| p.dc_txid == txid)
             || self
                 .tunnels
                 .get(&rd.path_id)
@@ -773,7 +801,10 @@ impl Node {
     }
 
     fn remember_peer(&mut self, rd: &RouteDirection) {
-        for ip in [IpAddr::V4(rd.peer_virtual_v4), IpAddr::V6(rd.peer_virtual_v6)] {
+        for ip in [
+            IpAddr::V4(rd.peer_virtual_v4),
+            IpAddr::V6(rd.peer_virtual_v6),
+        ] {
             if self.known_peers.len() < self.config.limits.max_known_peers
                 || self.known_peers.contains_key(&ip)
             {
@@ -884,7 +915,11 @@ impl Node {
                 .min()
                 .map(|t| (t, "direction request retransmission")),
         );
-        consider(self.held.front().map(|(t, ..)| (*t, "held tunnel request expiry")));
+        consider(
+            self.held
+                .front()
+                .map(|(t, ..)| (*t, "held tunnel request expiry")),
+        );
         consider(self.tunnel_deadline());
         best
     }
@@ -903,12 +938,8 @@ impl LaterThan for Option<(Time, &'static str)> {
 /// The combination rules of spec/03 (ROUTE_DIRECTION) a node checks before acting.
 fn direction_well_formed(rd: &RouteDirection) -> bool {
     match rd.route {
-        RouteKind::Direct => {
-            rd.path_id != 0 && rd.relay_key.is_none() && rd.relay_addrs.is_empty()
-        }
-        RouteKind::Relay => {
-            rd.path_id != 0 && rd.relay_key.is_some() && !rd.relay_addrs.is_empty()
-        }
+        RouteKind::Direct => rd.path_id != 0 && rd.relay_key.is_none() && rd.relay_addrs.is_empty(),
+        RouteKind::Relay => rd.path_id != 0 && rd.relay_key.is_some() && !rd.relay_addrs.is_empty(),
         RouteKind::Offline => {
             rd.path_id == 0
                 && rd.peer_addrs.is_empty()

@@ -6,14 +6,14 @@ use core::time::Duration;
 use std::net::{IpAddr, SocketAddr};
 
 use ntm_wire::crypto::{tunnel_keys, x25519, x25519_public};
-use ntm_wire::{
-    open_data, seal_data, AddrList, AeadKey, CloseReason, DataPacket, ErrorCode, Extensions,
-    Fqdn, Header, Keepalive, KeepaliveReply, Message, MessageType, PathUpdate, PathUpdateReason,
-    RelayBind, ReplayWindow, Role, RouteDirection, RouteKind, RouteReason,
-    SignalingPacket, TransportAddr, TunnelClose, TunnelRequest, TunnelResponse, TunnelRole,
-    DATA_HEADER_LEN, DATA_OVERHEAD,
-};
 use ntm_wire::data::VIRTUAL_MTU;
+use ntm_wire::{
+    open_data, seal_data, AddrList, AeadKey, CloseReason, DataPacket, ErrorCode, Extensions, Fqdn,
+    Header, Keepalive, KeepaliveReply, Message, MessageType, PathUpdate, PathUpdateReason,
+    RelayBind, ReplayWindow, Role, RouteDirection, RouteKind, RouteReason, SignalingPacket,
+    TransportAddr, TunnelClose, TunnelRequest, TunnelResponse, TunnelRole, DATA_HEADER_LEN,
+    DATA_OVERHEAD,
+};
 use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
@@ -81,7 +81,6 @@ struct Update {
 
 pub(super) struct Tunnel {
     pub(super) dc_txid: u32,
-    path_id: u32,
     peer: Fqdn,
     peer_v4: std::net::Ipv4Addr,
     peer_v6: std::net::Ipv6Addr,
@@ -272,7 +271,10 @@ impl Node {
             rd,
         };
         self.pending.insert(path_id, pending);
-        let relayed = self.pending.get(&path_id).is_some_and(|p| p.relay.is_some());
+        let relayed = self
+            .pending
+            .get(&path_id)
+            .is_some_and(|p| p.relay.is_some());
         if relayed {
             self.send_relay_bind(now, path_id, rng);
         }
@@ -300,7 +302,11 @@ impl Node {
             return;
         };
         let rto = self.rtt.rto(rs, &cfg);
-        let Some(leg) = self.pending.get_mut(&path_id).and_then(|p| p.relay.as_mut()) else {
+        let Some(leg) = self
+            .pending
+            .get_mut(&path_id)
+            .and_then(|p| p.relay.as_mut())
+        else {
             return;
         };
         let txid = rng.next_u32();
@@ -334,10 +340,12 @@ impl Node {
             return;
         };
         let targets: Vec<(SocketAddr, SocketAddr)> = if let Some(r) = &p.relay {
-            self.socket_for(r.rs).map(|l| (l, r.rs)).into_iter().collect()
+            self.socket_for(r.rs)
+                .map(|l| (l, r.rs))
+                .into_iter()
+                .collect()
         } else {
-            p.rd
-                .peer_addrs
+            p.rd.peer_addrs
                 .as_slice()
                 .iter()
                 .map(|a| a.socket_addr())
@@ -396,8 +404,7 @@ impl Node {
             return;
         };
         let peer = p.rd.peer_fqdn.clone();
-        if p.rebuild_of.is_some() || p.relay.is_some() && p.rd.reason == RouteReason::DirectFailed
-        {
+        if p.rebuild_of.is_some() || p.relay.is_some() && p.rd.reason == RouteReason::DirectFailed {
             self.queued.remove(&peer);
             self.event(NodeEvent::Error(NodeError::Unreachable { peer }));
             return;
@@ -478,7 +485,11 @@ impl Node {
             }
             match msg {
                 Message::Ack(a) if a.acked_type == MessageType::RelayBind.to_u8() => {
-                    if leg.bind.as_ref().is_some_and(|t| t.txid() == h.envelope.txid) {
+                    if leg
+                        .bind
+                        .as_ref()
+                        .is_some_and(|t| t.txid() == h.envelope.txid)
+                    {
                         leg.bind = None;
                         leg.last_used = now;
                     }
@@ -623,7 +634,9 @@ impl Node {
             Some(r) => TunnelPath::Relay(r.rs),
             None => TunnelPath::Direct(remote),
         };
-        self.install(now, path_id, p.dc_txid, p.rd, p.relay, &keys, path, local, None);
+        self.install(
+            now, path_id, p.dc_txid, p.rd, p.relay, &keys, path, local, None,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -672,7 +685,6 @@ impl Node {
         let probe_direct = rd.probe_direct && relay.is_some();
         let tunnel = Tunnel {
             dc_txid,
-            path_id,
             peer: peer.clone(),
             peer_v4: rd.peer_virtual_v4,
             peer_v6: rd.peer_virtual_v6,
@@ -687,7 +699,12 @@ impl Node {
             replay: ReplayWindow::new(),
             ctrl: SignalingKey::new(&keys.control, path_id, my_role(rd.role)),
             handshake,
-            candidates: rd.peer_addrs.as_slice().iter().map(|a| a.socket_addr()).collect(),
+            candidates: rd
+                .peer_addrs
+                .as_slice()
+                .iter()
+                .map(|a| a.socket_addr())
+                .collect(),
             probe_direct,
             probes: probe_direct.then(|| ProbeRound {
                 next: now,
@@ -707,8 +724,10 @@ impl Node {
             stats: TunnelStats::default(),
         };
         self.tunnels.insert(path_id, tunnel);
-        self.by_vaddr.insert(IpAddr::V4(rd.peer_virtual_v4), path_id);
-        self.by_vaddr.insert(IpAddr::V6(rd.peer_virtual_v6), path_id);
+        self.by_vaddr
+            .insert(IpAddr::V4(rd.peer_virtual_v4), path_id);
+        self.by_vaddr
+            .insert(IpAddr::V6(rd.peer_virtual_v6), path_id);
         self.event(NodeEvent::TunnelUp {
             peer: peer.clone(),
             path_id,
@@ -736,7 +755,11 @@ impl Node {
         path_id: u32,
         buf: &mut [u8],
     ) -> Result<(), DropReason> {
-        let Some(leg) = self.tunnels.get_mut(&path_id).and_then(|t| t.relay.as_mut()) else {
+        let Some(leg) = self
+            .tunnels
+            .get_mut(&path_id)
+            .and_then(|t| t.relay.as_mut())
+        else {
             return Err(DropReason::Unexpected);
         };
         let (h, msg) = leg.key.open(buf)?;
@@ -745,7 +768,11 @@ impl Node {
         }
         match msg {
             Message::Ack(a) if a.acked_type == MessageType::RelayBind.to_u8() => {
-                if leg.bind.as_ref().is_some_and(|t| t.txid() == h.envelope.txid) {
+                if leg
+                    .bind
+                    .as_ref()
+                    .is_some_and(|t| t.txid() == h.envelope.txid)
+                {
                     leg.bind = None;
                 }
                 leg.last_used = now;
@@ -887,7 +914,9 @@ impl Node {
                         let Some(t) = self.tunnels.get_mut(&path_id) else {
                             return Ok(());
                         };
-                        if let Ok(d) = t.ctrl.seal_to_vec(&ack(MessageType::PathUpdate), txid, None)
+                        if let Ok(d) = t
+                            .ctrl
+                            .seal_to_vec(&ack(MessageType::PathUpdate), txid, None)
                         {
                             self.outbox.push(Some(local), remote, d);
                         }
@@ -895,7 +924,8 @@ impl Node {
                     }
                     Message::TunnelClose(_) => {
                         if let Ok(d) =
-                            t.ctrl.seal_to_vec(&ack(MessageType::TunnelClose), txid, None)
+                            t.ctrl
+                                .seal_to_vec(&ack(MessageType::TunnelClose), txid, None)
                         {
                             self.outbox.push(Some(local), remote, d);
                         }
@@ -1044,8 +1074,15 @@ impl Node {
         if t.send_counter >= ntm_wire::replay::REJECT_AFTER_COUNTER {
             return Err(SendError::KeyExhausted);
         }
-        let n = seal_data(&t.send_key, path_id, t.send_counter, false, out, packet.len())
-            .map_err(|_| SendError::BufferTooSmall)?;
+        let n = seal_data(
+            &t.send_key,
+            path_id,
+            t.send_counter,
+            false,
+            out,
+            packet.len(),
+        )
+        .map_err(|_| SendError::BufferTooSmall)?;
         debug_assert_eq!(n, len);
         t.send_counter += 1;
         t.last_data = now;
@@ -1280,7 +1317,10 @@ impl Node {
                 take(r, "route optimization round");
             }
             if let Some(u) = &tun.update {
-                take(u.tx.deadline().min(u.give_up_at), "path update retransmission");
+                take(
+                    u.tx.deadline().min(u.give_up_at),
+                    "path update retransmission",
+                );
             }
             if let Some(c) = &tun.close {
                 take(c.deadline(), "tunnel close retransmission");
@@ -1340,13 +1380,19 @@ impl Node {
             }
         }
         if rebind {
-            let txid = p.relay.as_ref().and_then(|l| l.bind.as_ref()).map(|b| b.txid());
+            let txid = p
+                .relay
+                .as_ref()
+                .and_then(|l| l.bind.as_ref())
+                .map(|b| b.txid());
             let rs = p.relay.as_ref().map(|l| l.rs);
             if let (Some(txid), Some(rs)) = (txid, rs) {
                 let local = self.socket_for(rs);
                 if let (Some(local), Some(leg)) = (
                     local,
-                    self.pending.get_mut(&path_id).and_then(|p| p.relay.as_mut()),
+                    self.pending
+                        .get_mut(&path_id)
+                        .and_then(|p| p.relay.as_mut()),
                 ) {
                     let msg: Message = RelayBind {
                         extensions: Extensions::none(),

@@ -1,0 +1,422 @@
+//! The scenarios of the state-machine milestone, each run in the simulator with the real AS, DC,
+//! RS and nodes: who builds which path, data both ways, and virtual time. One-way trips are
+//! counted in units of the topology's one-way delay (every server and node is one 20 ms trip
+//! from every other with the default links; see `common`).
+//!
+//! Every failure message starts with the seed and ends with the simulator's capture.
+
+mod common;
+
+use core::time::Duration;
+use std::net::SocketAddr;
+
+use common::world::{node_name, World, WorldSetup, NAT_LINK};
+use common::{ms, Drive, INTERNET_LINK, ONE_WAY};
+use ntm_state::node::{NodeEvent, TunnelPath};
+use ntm_state::sim::{Mapping, Stack};
+use ntm_wire::{MessageType, RouteReason};
+
+/// Logs nodes in and registers them, and lets their NAT detection settle (a node registers
+/// again when its probes measured another mapping than it reported).
+fn up(w: &mut World, nodes: &[usize]) {
+    for &i in nodes {
+        w.bring_up(i, Duration::from_secs(10));
+    }
+    w.run_for(Duration::from_millis(200));
+}
+
+/// Data both ways on the tunnel between `a` and `b`, IPv4 and IPv6 inner packets.
+fn data_both_ways(w: &mut World, a: usize, b: usize) {
+    for (i, j) in [(a, b), (b, a)] {
+        let payload = format!("hello from node{i} to node{j} at {}", w.now());
+        let got = w.deliver_v4(i, j, payload.as_bytes(), Duration::from_secs(2));
+        assert!(
+            got.is_some(),
+            "node{j} did not get {payload:?}\n{}",
+            w.context()
+        );
+        let before = w.nodes[j].received.len();
+        w.send_v6(i, j, b"over v6").expect("send v6");
+        w.run_for(Duration::from_millis(500));
+        assert!(
+            w.nodes[j]
+                .payloads()
+                .iter()
+                .skip(before)
+                .any(|p| p == b"over v6"),
+            "node{j} did not get the IPv6 packet\n{}",
+            w.context()
+        );
+    }
+}
+
+/// When the tunnel between `a` and `b` was up at both ends.
+fn both_up(w: &World, a: usize, b: usize) -> ntm_state::time::Time {
+    let (ta, _) = w.nodes[a].tunnel_up(&node_name(b)).expect("tunnel up");
+    let (tb, _) = w.nodes[b].tunnel_up(&node_name(a)).expect("tunnel up");
+    ta.max(tb)
+}
+
+/// Scenario 1 (Fig. 4): login and registration; the virtual addresses come from the DC's pools.
+#[test]
+fn s01_login_and_registration() {
+    let mut w = World::new(&WorldSetup::new(1));
+    let internet = w.internet;
+    let mn = w.add_node(internet, INTERNET_LINK);
+    let start = w.now();
+    up(&mut w, &[mn]);
+    let registered = w.nodes[mn]
+        .events
+        .iter()
+        .find_map(|(t, e)| matches!(e, NodeEvent::Registered { .. }).then_some(*t))
+        .expect("registered");
+    let t = registered - start;
+    // 6 one-way trips of login, 2 of registration: 8 × 20 ms.
+    assert_eq!(
+        t,
+        ONE_WAY * 8,
+        "login + registration took {t:?}\n{}",
+        w.context()
+    );
+    let (v4, v6) = w.nodes[mn].vaddrs();
+    assert_eq!(v4.octets()[..3], [100, 64, 1]);
+    assert!(v6.segments()[..4] == [0xfd4e, 0x544d, 0, 1]);
+    assert!(w.nodes[mn]
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, NodeEvent::LoggedIn { fqdn } if *fqdn == node_name(mn))));
+}
+
+/// Scenario 2 (Fig. 5): MN on global IPv4, CN behind a NAT: direct, and CN (the NATed target)
+/// sends the first TUNNEL_REQUEST. Same DC: 4 one-way trips.
+#[test]
+fn s02_global_mn_to_natted_cn_is_direct_cn_first() {
+    let mut w = World::new(&WorldSetup::new(2));
+    let internet = w.internet;
+    let g4 = w
+        .net
+        .sim
+        .segment("g4", Stack::V4Only, Some(internet))
+        .expect("segment");
+    let home = w.nat_on("nat-cn", internet, Mapping::AddressAndPortDependent);
+    let mn = w.add_node(g4, INTERNET_LINK);
+    let cn = w.add_node(home, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    let start = w.connect(mn, cn, Duration::from_secs(5));
+    let first = w
+        .net
+        .sent
+        .iter()
+        .find(|s| s.at >= start && s.msg_type == MessageType::TunnelRequest.to_u8())
+        .expect("a tunnel request");
+    assert_eq!(first.from, format!("node{cn}"), "{}", w.context());
+    assert!(matches!(w.path(mn, cn), Some(TunnelPath::Direct(_))));
+    assert!(matches!(w.path(cn, mn), Some(TunnelPath::Direct(_))));
+    // DIRECTION_REQUEST, both ROUTE_DIRECTIONs, TUNNEL_REQUEST, TUNNEL_RESPONSE.
+    assert_eq!(both_up(&w, mn, cn) - start, ONE_WAY * 4, "{}", w.context());
+    data_both_ways(&mut w, mn, cn);
+}
+
+/// Scenario 7: both behind the same NAT: direct over the private addresses (SameNat).
+#[test]
+fn s07_same_nat_direct_over_private_addresses() {
+    let mut w = World::new(&WorldSetup::new(7));
+    let internet = w.internet;
+    let home = w.nat_on("nat", internet, Mapping::AddressAndPortDependent);
+    let mn = w.add_node(home, NAT_LINK);
+    let cn = w.add_node(home, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let cn_private = w.local_addrs(cn)[0];
+    assert_eq!(
+        w.path(mn, cn),
+        Some(TunnelPath::Direct(cn_private)),
+        "{}",
+        w.context()
+    );
+    let status = w.nodes[mn].node.tunnel(&node_name(cn)).expect("tunnel");
+    assert_eq!(status.reason, RouteReason::SameNat);
+    data_both_ways(&mut w, mn, cn);
+}
+
+/// Scenario 11: an unauthorized direction request for an existing name gets exactly the answer
+/// for a missing name.
+#[test]
+fn s11_concealment() {
+    let mut setup = WorldSetup::new(11);
+    setup.accounts = 4;
+    let mut w = World::new(&setup);
+    // node1 may be reached by node2 only.
+    let mut policy = ntm_state::dc::AccessPolicy::open();
+    policy.restrict(node_name(1), [node_name(2)]);
+    w.dc.set_access_policy(policy);
+    let internet = w.internet;
+    let a = w.add_node(internet, INTERNET_LINK);
+    let b = w.add_node(internet, INTERNET_LINK);
+    up(&mut w, &[a, b]);
+    let now = w.now();
+    let n = &mut w.nodes[a];
+    n.node.resolve(now, &node_name(1), &mut n.rng);
+    w.run_for(Duration::from_secs(1));
+    let now = w.now();
+    let n = &mut w.nodes[a];
+    n.node
+        .resolve(now, &common::fqdn("nobody.dc1.example"), &mut n.rng);
+    w.run_for(Duration::from_secs(1));
+    let codes: Vec<String> = w
+        .errors(a)
+        .iter()
+        .map(|e| match e {
+            NodeEvent::Error(ntm_state::node::NodeError::Direction { code, .. }) => {
+                format!("{code:?}")
+            }
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(codes, ["NotFound", "NotFound"], "{}", w.context());
+    // The two answers have the same length on the wire, and took the same time.
+    let answers: Vec<_> = w
+        .net
+        .sent
+        .iter()
+        .filter(|s| s.from == "dc" && s.msg_type == MessageType::Error.to_u8())
+        .collect();
+    assert_eq!(answers.len(), 2, "{}", w.context());
+    assert_eq!(answers[0].len, answers[1].len);
+    assert!(w.dc.paths().is_empty());
+    let _: Option<SocketAddr> = None;
+    let _ = ms(0);
+}
+
+/// A NAT with this mapping and filtering on `outside`.
+fn nat(
+    w: &mut World,
+    name: &str,
+    outside: ntm_state::sim::SegmentId,
+    mapping: Mapping,
+) -> ntm_state::sim::SegmentId {
+    w.nat_on(name, outside, mapping)
+}
+
+/// Scenario 3, first half (Figs. 7, 8): both behind different NATs with endpoint-independent
+/// mapping: the relay carries data at once, probing finds the direct path, data moves to it.
+#[test]
+fn s03_both_natted_relay_then_route_optimization_to_direct() {
+    let mut w = World::new(&WorldSetup::new(3));
+    let internet = w.internet;
+    let home_a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
+    let home_b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
+    let mn = w.add_node(home_a, NAT_LINK);
+    let cn = w.add_node(home_b, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    let start = w.connect(mn, cn, Duration::from_secs(5));
+    let (_, first) = w.nodes[mn].tunnel_up(&node_name(cn)).expect("up");
+    assert!(
+        matches!(first, TunnelPath::Relay(_)),
+        "{first:?}\n{}",
+        w.context()
+    );
+    let status = w.nodes[mn].node.tunnel(&node_name(cn)).expect("tunnel");
+    assert_eq!(status.reason, RouteReason::BothBehindNat);
+    // DIRECTION_REQUEST, RELAY_REQUEST, RELAY_RESPONSE, ROUTE_DIRECTIONs, RELAY_BIND +
+    // TUNNEL_REQUEST to the RS, to CN, TUNNEL_RESPONSE to the RS, to MN: 8 one-way trips.
+    assert_eq!(both_up(&w, mn, cn) - start, ONE_WAY * 8, "{}", w.context());
+    data_both_ways(&mut w, mn, cn);
+    // Probing moves both ends to the direct path within a round.
+    w.run_for(Duration::from_secs(3));
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    assert!(
+        matches!(w.path(cn, mn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    let relayed_before = w.relays[0].rs.forwarded().datagrams;
+    data_both_ways(&mut w, mn, cn);
+    assert_eq!(
+        w.relays[0].rs.forwarded().datagrams,
+        relayed_before,
+        "data still goes through the RS\n{}",
+        w.context()
+    );
+}
+
+/// Scenario 3, second half: both NATs symmetric: the relay stays and nobody probes.
+#[test]
+fn s03_both_symmetric_stays_on_the_relay() {
+    let mut w = World::new(&WorldSetup::new(30));
+    let internet = w.internet;
+    let home_a = nat(&mut w, "nat-a", internet, Mapping::AddressAndPortDependent);
+    let home_b = nat(&mut w, "nat-b", internet, Mapping::AddressAndPortDependent);
+    let mn = w.add_node(home_a, NAT_LINK);
+    let cn = w.add_node(home_b, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let status = w.nodes[mn].node.tunnel(&node_name(cn)).expect("tunnel");
+    assert_eq!(status.reason, RouteReason::BothSymmetric);
+    data_both_ways(&mut w, mn, cn);
+    w.run_for(Duration::from_secs(15));
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Relay(_))),
+        "{}",
+        w.context()
+    );
+    let probes = w
+        .net
+        .sent
+        .iter()
+        .filter(|s| s.from.starts_with("node") && s.msg_type == MessageType::Keepalive.to_u8())
+        .filter(|s| {
+            !w.relays
+                .iter()
+                .any(|r| r.rs.config().relay_addrs.contains(&s.to))
+        })
+        .filter(|s| !w.dc_addrs.contains(&s.to))
+        .count();
+    assert_eq!(probes, 0, "nodes probed a symmetric pair\n{}", w.context());
+    data_both_ways(&mut w, mn, cn);
+}
+
+/// Scenario 4: MN IPv6-only, CN IPv4-only behind a NAT: relayed through the dual-stack RS.
+#[test]
+fn s04_ipv6_only_to_ipv4_only_through_a_dual_stack_relay() {
+    let mut w = World::new(&WorldSetup::new(4));
+    let internet = w.internet;
+    let v6 = w
+        .net
+        .sim
+        .segment("lte", Stack::V6Only, Some(internet))
+        .expect("segment");
+    let home = nat(&mut w, "nat-cn", internet, Mapping::EndpointIndependent);
+    let mn = w.add_node(v6, INTERNET_LINK);
+    let cn = w.add_node(home, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let status = w.nodes[mn].node.tunnel(&node_name(cn)).expect("tunnel");
+    assert_eq!(status.reason, RouteReason::FamilyMismatch);
+    match (w.path(mn, cn), w.path(cn, mn)) {
+        (Some(TunnelPath::Relay(a)), Some(TunnelPath::Relay(b))) => {
+            assert!(a.is_ipv6() && b.is_ipv4(), "{a} {b}");
+        }
+        other => panic!("{other:?}\n{}", w.context()),
+    }
+    data_both_ways(&mut w, mn, cn);
+}
+
+/// Scenario 5 (Fig. 9): the same private address on both sides behind different NATs: route
+/// selection sees two NATs (not one), the relay carries data, probing finds the direct path, and
+/// no node ever sends to its own private address.
+#[test]
+fn s05_same_private_address_behind_different_nats() {
+    let mut w = World::new(&WorldSetup::new(5));
+    let internet = w.internet;
+    let home_a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
+    let home_b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
+    let private: std::net::IpAddr = "192.168.0.2".parse().expect("ip");
+    let ha = w.net.sim.host_at("node0", home_a, private).expect("host");
+    let hb = w.net.sim.host_at("node1", home_b, private).expect("host");
+    w.net.set_links(ha, vec![private], NAT_LINK);
+    w.net.set_links(hb, vec![private], NAT_LINK);
+    let mn = w.add_node_on(0, ha);
+    let cn = w.add_node_on(1, hb);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let status = w.nodes[mn].node.tunnel(&node_name(cn)).expect("tunnel");
+    assert_eq!(status.reason, RouteReason::BothBehindNat, "{}", w.context());
+    data_both_ways(&mut w, mn, cn);
+    w.run_for(Duration::from_secs(3));
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Direct(a)) if a.ip() != private),
+        "{}",
+        w.context()
+    );
+    data_both_ways(&mut w, mn, cn);
+    let to_self = w
+        .net
+        .sent
+        .iter()
+        .filter(|s| s.from.starts_with("node") && s.to.ip() == private)
+        .count();
+    assert_eq!(
+        to_self,
+        0,
+        "a node sent to its own private address\n{}",
+        w.context()
+    );
+}
+
+/// Scenario 6 (Fig. 10): CN behind two cascaded NATs, MN global: one NATed node, which
+/// initiates; direct.
+#[test]
+fn s06_cascaded_nats() {
+    let mut w = World::new(&WorldSetup::new(6));
+    let internet = w.internet;
+    let outer = nat(
+        &mut w,
+        "nat-cn2",
+        internet,
+        Mapping::AddressAndPortDependent,
+    );
+    let inner = nat(&mut w, "nat-cn1", outer, Mapping::EndpointIndependent);
+    let g4 = w
+        .net
+        .sim
+        .segment("g4", Stack::V4Only, Some(internet))
+        .expect("segment");
+    let mn = w.add_node(g4, INTERNET_LINK);
+    let cn = w.add_node(inner, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    assert!(
+        matches!(w.path(cn, mn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    data_both_ways(&mut w, mn, cn);
+}
+
+/// Scenario 12: the RS forwards nothing for a Path ID its DC did not authorize.
+#[test]
+fn s12_relay_refuses_an_unauthorized_path() {
+    let mut w = World::new(&WorldSetup::new(12));
+    let internet = w.internet;
+    let a = w.add_node(internet, INTERNET_LINK);
+    let b = w.add_node(internet, INTERNET_LINK);
+    up(&mut w, &[a, b]);
+    let rs_addr = w.relays[0].signaling;
+    let host_a = w.nodes[a].host;
+    let src = w.local_addrs(a)[0];
+    // A RELAY_BIND and DATA under a key the DC never gave the RS, for a made-up Path ID.
+    let key = ntm_wire::SecretKey::from_bytes([9; 32]);
+    let mut k = ntm_state::signaling::SignalingKey::new(&key, 0xdead_beef, ntm_wire::Role::A);
+    let bind: ntm_wire::Message = ntm_wire::RelayBind {
+        extensions: ntm_wire::Extensions::none(),
+    }
+    .into();
+    let d = k.seal_to_vec(&bind, 1, None).expect("seal");
+    let now = w.now();
+    w.send(now, "attacker", host_a, src, rs_addr, d);
+    let mut data = vec![0u8; 64];
+    let n = ntm_wire::seal_data(
+        &ntm_wire::AeadKey::new(&key),
+        0xdead_beef,
+        0,
+        false,
+        &mut data,
+        32,
+    )
+    .expect("seal");
+    w.send(now, "attacker", host_a, src, rs_addr, data[..n].to_vec());
+    w.run_for(Duration::from_secs(1));
+    assert_eq!(w.relays[0].rs.forwarded().datagrams, 0, "{}", w.context());
+    assert!(w.relays[0].rs.drops().total() >= 2, "{}", w.context());
+    assert_eq!(w.relays[0].rs.path_count(), 0);
+}
