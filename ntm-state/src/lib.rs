@@ -14,6 +14,7 @@
 //! * [`dc::DirectionCoordinator`], the DC's registry so far: node↔DC keys from the AS, virtual
 //!   address pairs stable per FQDN, registrations with their observed addresses, keep-alives;
 //! * [`registration::Registrar`], the node's side of registration, NAT detection and upkeep;
+//! * [`cs::CacheServer`], the cache server: sealed blobs held for offline nodes of its zone;
 //! * [`time::Time`], the virtual time every machine is driven with;
 //! * [`sim`], a deterministic whole-network simulator (hosts, links, RFC 4787 NATs, IPv4/IPv6,
 //!   moving hosts) in virtual time, for tests that run the machines against each other.
@@ -23,6 +24,7 @@
 //! input until only a timeout is left. Randomness comes in as a `rand_core` generator argument.
 
 pub mod as_server;
+pub mod cs;
 pub mod dc;
 pub mod login;
 pub mod registration;
