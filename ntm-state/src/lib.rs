@@ -15,6 +15,8 @@
 //!   address pairs stable per FQDN, registrations with their observed addresses, keep-alives;
 //! * [`registration::Registrar`], the node's side of registration, NAT detection and upkeep;
 //! * [`cs::CacheServer`], the cache server: sealed blobs held for offline nodes of its zone;
+//! * [`ns::NotificationServer`], the notification server: the TCP push channel to nodes, as
+//!   bytes in and out per connection;
 //! * [`time::Time`], the virtual time every machine is driven with;
 //! * [`sim`], a deterministic whole-network simulator (hosts, links, RFC 4787 NATs, IPv4/IPv6,
 //!   moving hosts) in virtual time, for tests that run the machines against each other.
@@ -27,6 +29,7 @@ pub mod as_server;
 pub mod cs;
 pub mod dc;
 pub mod login;
+pub mod ns;
 pub mod registration;
 pub mod signaling;
 pub mod sim;
