@@ -333,8 +333,10 @@ pub struct Node {
     /// Peer virtual address → FQDN, for rebuilding on the next packet (spec/05 §5.8).
     known_peers: BTreeMap<IpAddr, Fqdn>,
     lookups: BTreeMap<Fqdn, Lookup>,
-    /// Peers a queued packet wants a tunnel to; asked for at the next timeout.
-    wanted: Vec<Fqdn>,
+    /// Directions to ask for once the node is registered (a queued packet's peer, or a rebuild
+    /// after a handover, which waits for the registration from the new address): the peer and
+    /// the Path ID to rebuild (0 for none).
+    wanted: Vec<(Fqdn, u32)>,
     /// Packets queued per peer FQDN while its tunnel is built.
     queued: BTreeMap<Fqdn, VecDeque<Vec<u8>>>,
     pending: BTreeMap<u32, Pending>,
@@ -665,10 +667,17 @@ impl Node {
             return;
         }
         let Some((local, dc)) = self.dc_leg() else {
-            self.event(NodeEvent::Error(NodeError::Direction {
-                peer,
-                code: ErrorCode::WrongState,
-            }));
+            if self.registrar.is_some() {
+                // Registering (again, after a move): ask once the DC knows where the node is.
+                if !self.wanted.iter().any(|(p, _)| *p == peer) {
+                    self.wanted.push((peer, rebuild_path_id));
+                }
+            } else {
+                self.event(NodeEvent::Error(NodeError::Direction {
+                    peer,
+                    code: ErrorCode::WrongState,
+                }));
+            }
             return;
         };
         let txid = rng.next_u32();
@@ -883,8 +892,14 @@ impl Node {
     /// [`ntm_wire::MAX_SIGNALING_LEN`] bytes; DATA flushed from a queue may be up to the
     /// virtual MTU plus 32).
     pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
-        if let Some(t) = self.outbox.poll_transmit(buf) {
-            return Some(t);
+        while let Some(t) = self.outbox.poll_transmit(buf) {
+            // Queued before an address change: never send from an address the node lost.
+            match t.src {
+                Some(src) if !self.config.local_addrs.contains(&src) => {
+                    self.drops.record(&DropReason::Unexpected);
+                }
+                _ => return Some(t),
+            }
         }
         if let Some(t) = self.login.poll_transmit(now, buf) {
             return Some(t);

@@ -1063,6 +1063,14 @@ impl Node {
         let Some(&path_id) = self.by_vaddr.get(&dst) else {
             return self.queue_for(dst, packet);
         };
+        let stranded = self
+            .tunnels
+            .get(&path_id)
+            .is_some_and(|t| !self.config.local_addrs.contains(&t.local));
+        if stranded {
+            // The move left no socket for this tunnel's path; its rebuild is under way.
+            return self.queue_for(dst, packet);
+        }
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return Err(SendError::NoRoute);
         };
@@ -1117,8 +1125,9 @@ impl Node {
         q.push_back(packet.to_vec());
         if !self.lookups.contains_key(&peer)
             && !self.pending.values().any(|p| p.rd.peer_fqdn == peer)
+            && !self.wanted.iter().any(|(p, _)| *p == peer)
         {
-            self.wanted.push(peer);
+            self.wanted.push((peer, 0));
         }
         Err(SendError::Queued)
     }
@@ -1176,7 +1185,13 @@ impl Node {
             let peer = t.peer.clone();
             let on_relay = matches!(t.path, TunnelPath::Relay(_));
             let Some(local) = self.socket_for(dst) else {
-                // No family in common with the endpoint: ask for another route at once.
+                // No family in common with the endpoint: ask for another route at once (sent
+                // once the node is registered from its new address).
+                if let Some(t) = self.tunnels.get_mut(&id) {
+                    t.update = None;
+                    t.keepalive = None;
+                    t.probes = None;
+                }
                 match relay_rs.and_then(|rs| self.socket_for(rs).map(|l| (l, rs))) {
                     Some((l, rs)) => {
                         self.demote(now, id, l, rs, rng);
@@ -1336,10 +1351,18 @@ impl Node {
     }
 
     pub(super) fn tunnels_due<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
-        let wanted: Vec<Fqdn> = self.wanted.drain(..).collect();
-        for peer in wanted {
-            if !self.lookups.contains_key(&peer) && self.tunnel_to(&peer).is_none() {
-                self.request_direction(now, peer, 0, rng);
+        if self.dc_leg().is_some() {
+            let wanted: Vec<(Fqdn, u32)> = self.wanted.drain(..).collect();
+            for (peer, rebuild) in wanted {
+                let live = self.tunnel_to(&peer);
+                // A rebuild is still wanted if the tunnel it rebuilds is the current one.
+                let needed = match rebuild {
+                    0 => live.is_none(),
+                    id => live.is_none() || live == Some(id),
+                };
+                if needed && !self.lookups.contains_key(&peer) {
+                    self.request_direction(now, peer, rebuild, rng);
+                }
             }
         }
         let ids: Vec<u32> = self.pending.keys().copied().collect();
