@@ -24,6 +24,7 @@
 
 pub mod as_server;
 pub mod dc;
+pub mod dns;
 pub mod login;
 pub mod registration;
 pub mod signaling;
