@@ -34,6 +34,7 @@
 pub mod as_server;
 pub mod cs;
 pub mod dc;
+pub mod dns;
 pub mod login;
 pub mod node;
 pub mod ns;
