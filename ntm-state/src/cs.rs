@@ -1094,7 +1094,7 @@ impl CacheServer {
         let Some(r) = self.recipients.get_mut(&fqdn) else {
             return;
         };
-        if !r.blobs.get(&item).is_some_and(|h| h.expires <= at) {
+        if r.blobs.get(&item).is_none_or(|h| h.expires > at) {
             return;
         }
         if let Some(held) = r.blobs.remove(&item) {

@@ -1446,13 +1446,13 @@ impl ParentZone {
             return Vec::new();
         };
         let mut records = Vec::new();
-        if only.map_or(true, |t| t == RecordType::A) {
+        if only.is_none_or(|t| t == RecordType::A) {
             records.extend(
                 v4.iter()
                     .map(|&a| Record::from_rdata(owner.clone(), self.ttl, RData::A(A(a)))),
             );
         }
-        if only.map_or(true, |t| t == RecordType::AAAA) {
+        if only.is_none_or(|t| t == RecordType::AAAA) {
             records.extend(
                 v6.iter()
                     .map(|&a| Record::from_rdata(owner.clone(), self.ttl, RData::AAAA(AAAA(a)))),

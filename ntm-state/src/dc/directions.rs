@@ -60,7 +60,7 @@ impl AccessPolicy {
     pub fn may_reach(&self, requester: &Fqdn, target: &Fqdn) -> bool {
         self.restricted
             .get(target)
-            .map_or(true, |allowed| allowed.contains(requester))
+            .is_none_or(|allowed| allowed.contains(requester))
     }
 
     /// Whether every caller may reach `target` (what DNS may reveal).

@@ -946,7 +946,7 @@ trait LaterThan {
 
 impl LaterThan for Option<(Time, &'static str)> {
     fn is_none_or_later(&self, t: Time) -> bool {
-        self.map_or(true, |(b, _)| t < b)
+        self.is_none_or(|(b, _)| t < b)
     }
 }
 

@@ -879,7 +879,7 @@ impl Node {
                     }
                     Message::PathUpdate(u) => {
                         let seq = h.envelope.seq;
-                        let newer = t.last_update_seq.map_or(true, |s| seq > s);
+                        let newer = t.last_update_seq.is_none_or(|s| seq > s);
                         if newer {
                             t.last_update_seq = Some(seq);
                             for a in u.local_addrs.as_slice() {
@@ -1299,7 +1299,7 @@ impl Node {
         let t = &self.config.timers;
         let mut best: Option<(Time, &'static str)> = None;
         let mut take = |at: Time, label: &'static str| {
-            if best.map_or(true, |(b, _)| at < b) {
+            if best.is_none_or(|(b, _)| at < b) {
                 best = Some((at, label));
             }
         };
