@@ -52,8 +52,8 @@ fn data_both_ways(w: &mut World, a: usize, b: usize) {
 
 /// When the tunnel between `a` and `b` was up at both ends.
 fn both_up(w: &World, a: usize, b: usize) -> ntm_state::time::Time {
-    let (ta, _) = w.nodes[a].tunnel_up(&node_name(b)).expect("tunnel up");
-    let (tb, _) = w.nodes[b].tunnel_up(&node_name(a)).expect("tunnel up");
+    let (ta, _) = w.nodes[a].tunnel_up(&w.nodes[b].fqdn).expect("tunnel up");
+    let (tb, _) = w.nodes[b].tunnel_up(&w.nodes[a].fqdn).expect("tunnel up");
     ta.max(tb)
 }
 
@@ -588,4 +588,53 @@ fn s09_handover_during_a_data_flow() {
             );
         }
     }
+}
+
+/// Scenario 8: two domains. MN in dc1.example's zone, CN in dc2.example's; DC1 finds DC2 by an
+/// NS lookup through the parent zone's name server, bootstraps a DC↔DC key from the directory's
+/// static keys, and DC2 decides. First contact: 7 one-way trips (5 + the DNS round trip); a
+/// second pair between the same DCs: 5.
+#[test]
+fn s08_two_domains_found_through_dns() {
+    let mut setup = WorldSetup::new(8);
+    setup.accounts = 3;
+    let mut w = World::two_domains(&setup);
+    let internet = w.internet;
+    let g4 = w
+        .net
+        .sim
+        .segment("g4", Stack::V4Only, Some(internet))
+        .expect("segment");
+    let home = nat(&mut w, "nat-cn", internet, Mapping::EndpointIndependent);
+    let mn = w.add_node(g4, INTERNET_LINK);
+    let cn = w.add_node_dc2(0, home, NAT_LINK);
+    let mn2 = w.add_node(g4, INTERNET_LINK);
+    let cn2 = w.add_node_dc2(1, home, NAT_LINK);
+    up(&mut w, &[mn, cn, mn2, cn2]);
+    assert_eq!(w.nodes[cn].fqdn.as_str(), "node0.dc2.example");
+    let (cn_v4, _) = w.nodes[cn].vaddrs();
+    assert_eq!(
+        cn_v4.octets()[..3],
+        [100, 64, 2],
+        "CN's address is from DC2's pool"
+    );
+    let start = w.connect(mn, cn, Duration::from_secs(5));
+    assert!(
+        w.domain2.as_ref().expect("dc2").queries >= 1,
+        "no NS lookup\n{}",
+        w.context()
+    );
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    let first = both_up(&w, mn, cn) - start;
+    assert_eq!(first, ONE_WAY * 7, "{}", w.context());
+    data_both_ways(&mut w, mn, cn);
+    let start = w.connect(mn2, cn2, Duration::from_secs(5));
+    let second = both_up(&w, mn2, cn2) - start;
+    assert_eq!(second, ONE_WAY * 5, "{}", w.context());
+    data_both_ways(&mut w, mn2, cn2);
+    println!("two domains, direct: first contact {first:?}, DCs known {second:?}");
 }

@@ -101,6 +101,8 @@ pub struct PathStatus {
 pub(super) enum Party {
     /// One of the DC's nodes, by index.
     Local(u32),
+    /// Another DC's node, as that DC described it (NTM_INFO_REQUEST.requester).
+    Remote { info: Box<NodeInfo> },
 }
 
 #[derive(Clone, Debug)]
@@ -131,23 +133,27 @@ struct PathRecord {
 
 /// What an outstanding request of the DC is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
+pub(super) enum Purpose {
     /// ROUTE_DIRECTION to a node of this DC: the path and which side.
     Direction { path_id: u32, side: Side },
     /// RELAY_REQUEST for a path to the relay of that index.
     Relay { path_id: u32, relay: usize },
+    /// NTM_INFO_REQUEST to another DC for the node's DIRECTION_REQUEST `request`.
+    NtmInfo { node_idx: u32, request: Sender },
+    /// A ROUTE_DIRECTION another DC decided, relayed to the node (answering `request`).
+    Forwarded,
 }
 
-struct Outstanding {
-    tx: Transaction,
-    purpose: Purpose,
+pub(super) struct Outstanding {
+    pub(super) tx: Transaction,
+    pub(super) purpose: Purpose,
     /// Where it goes from (one of the DC's addresses).
     local: SocketAddr,
 }
 
 /// The outcome of a DIRECTION_REQUEST, for its retransmissions.
 #[derive(Clone, Debug)]
-enum Answered {
+pub(super) enum Answered {
     /// Directed on this path (the ROUTE_DIRECTION is retransmitted until ACK); or waiting.
     Path(u32),
     /// An ERROR, or a ROUTE_DIRECTION(Offline): sent again as it was.
@@ -165,11 +171,14 @@ enum Due {
 /// The directions table of a DC.
 pub(super) struct Directions {
     relays: Vec<RelayState>,
+    /// Messages kept for retransmission, by (key ID, transaction ID): NTM_INFO_REQUESTs and
+    /// relayed ROUTE_DIRECTIONs.
+    pub(super) kept: BTreeMap<(u32, u32), Message>,
     paths: BTreeMap<u32, PathRecord>,
-    outstanding: BTreeMap<(u32, u32), Outstanding>,
-    answers: BTreeMap<(u32, u32), (Answered, Time)>,
+    pub(super) outstanding: BTreeMap<(u32, u32), Outstanding>,
+    pub(super) answers: BTreeMap<(u32, u32), (Answered, Time)>,
     deadlines: BTreeSet<(Time, Due)>,
-    rtt: RttTable,
+    pub(super) rtt: RttTable,
 }
 
 struct RelayState {
@@ -189,6 +198,7 @@ impl Directions {
                     load_permille: 0,
                 })
                 .collect(),
+            kept: BTreeMap::new(),
             paths: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             answers: BTreeMap::new(),
@@ -252,7 +262,7 @@ impl DirectionCoordinator {
     }
 
     /// What the deciding DC knows about node `idx`, if it is registered (spec/06 §6.1).
-    fn view_of(&self, idx: u32) -> Option<NodeView> {
+    pub(super) fn view_of(&self, idx: u32) -> Option<NodeView> {
         let node = self.node(idx)?;
         let reg = node.reg.as_ref()?;
         let observed = reg.observed.map(|o| o.map(|s| s.at.socket_addr()));
@@ -267,6 +277,14 @@ impl DirectionCoordinator {
             observed,
             nat,
         })
+    }
+
+    /// What the deciding DC knows about a party.
+    pub(super) fn view_of_party(&self, p: &Party) -> Option<NodeView> {
+        match p {
+            Party::Local(idx) => self.view_of(*idx),
+            Party::Remote { info, .. } => Some(NodeView::from_node_info(info)),
+        }
     }
 
     /// Where to send a DC → node datagram: the node's observed address (IPv4 first) and the DC
@@ -340,12 +358,8 @@ impl DirectionCoordinator {
             return;
         };
         if !super::is_node_of(&req.peer_fqdn, &self.config.zone) {
-            // Another domain's node: the two-domain procedure is not wired in yet.
-            self.answer_direction(
-                now,
-                from,
-                error_msg(ErrorCode::NotFound, MessageType::DirectionRequest),
-            );
+            // Another domain's node: its DC decides (spec/05 §5.5.1).
+            self.start_remote_direction(now, from, node_idx, req, rng);
             return;
         }
         // Concealment (spec/07 §7.4): a missing name and a hidden one take the same steps and
@@ -402,7 +416,7 @@ impl DirectionCoordinator {
     }
 
     /// ROUTE_DIRECTION(Offline) for the requester: the peer's name, virtual addresses and key.
-    fn offline_direction(&self, target: u32) -> Message {
+    pub(super) fn offline_direction(&self, target: u32) -> Message {
         let Some(node) = self.node(target) else {
             return error_msg(ErrorCode::NotFound, MessageType::DirectionRequest);
         };
@@ -431,8 +445,8 @@ impl DirectionCoordinator {
 
     /// Answers a DIRECTION_REQUEST with a final message (ERROR or Offline), kept for its
     /// retransmissions.
-    fn answer_direction(&mut self, now: Time, from: Sender, msg: Message) {
-        self.send_to_node(from.local, from.remote, from.key_id, &msg, from.txid);
+    pub(super) fn answer_direction(&mut self, now: Time, from: Sender, msg: Message) {
+        self.send_answer(from, &msg);
         self.remember_answer(
             now,
             (from.key_id, from.txid),
@@ -440,7 +454,17 @@ impl DirectionCoordinator {
         );
     }
 
-    fn remember_answer(&mut self, now: Time, key: (u32, u32), answered: Answered) {
+    /// Sends an answer to a request from one of the DC's nodes (under its K_nd) or from another
+    /// DC (under the DC↔DC key the request came under).
+    pub(super) fn send_answer(&mut self, from: Sender, msg: &Message) {
+        if from.peer.is_some() {
+            self.send_to_peer(from.local, from.remote, from.key_id, msg, from.txid);
+        } else {
+            self.send_to_node(from.local, from.remote, from.key_id, msg, from.txid);
+        }
+    }
+
+    pub(super) fn remember_answer(&mut self, now: Time, key: (u32, u32), answered: Answered) {
         let d = &mut self.directions;
         if let Some((_, old)) = d.answers.insert(key, (answered, now + ANSWER_CACHE)) {
             d.deadlines.remove(&(old, Due::Answer(key.0, key.1)));
@@ -450,7 +474,7 @@ impl DirectionCoordinator {
     }
 
     /// Draws the path and its credentials, then directs both sides (after the relay, if any).
-    fn decide<R: RngCore + CryptoRng>(
+    pub(super) fn decide<R: RngCore + CryptoRng>(
         &mut self,
         now: Time,
         from: Sender,
@@ -555,7 +579,9 @@ impl DirectionCoordinator {
     fn path_lifetime(&self, now: Time, a: &Party, b: &Party) -> Duration {
         let mut life = self.config.direction_lifetime;
         for p in [a, b] {
-            let Party::Local(idx) = p;
+            let Party::Local(idx) = p else {
+                continue; // the other DC cuts its own node's lifetime
+            };
             if let Some((_, s)) = self.node(*idx).and_then(|n| n.session.as_ref()) {
                 life = life.min(s.deadline.checked_duration_since(now).unwrap_or_default());
             }
@@ -615,7 +641,7 @@ impl DirectionCoordinator {
     }
 
     /// One of the DC's addresses in `dst`'s family (the first one), or its first address.
-    fn local_for(&self, dst: SocketAddr) -> SocketAddr {
+    pub(super) fn local_for(&self, dst: SocketAddr) -> SocketAddr {
         let addrs = &self.config.addrs;
         addrs
             .iter()
@@ -625,7 +651,7 @@ impl DirectionCoordinator {
             .unwrap_or(dst)
     }
 
-    fn fresh_txid<R: RngCore>(&self, key_id: u32, rng: &mut R) -> u32 {
+    pub(super) fn fresh_txid<R: RngCore>(&self, key_id: u32, rng: &mut R) -> u32 {
         loop {
             let t = rng.next_u32();
             if !self.directions.outstanding.contains_key(&(key_id, t)) {
@@ -634,7 +660,13 @@ impl DirectionCoordinator {
         }
     }
 
-    fn track(&mut self, key_id: u32, tx: Transaction, purpose: Purpose, local: SocketAddr) {
+    pub(super) fn track(
+        &mut self,
+        key_id: u32,
+        tx: Transaction,
+        purpose: Purpose,
+        local: SocketAddr,
+    ) {
         let d = &mut self.directions;
         let key = (key_id, tx.txid());
         d.deadlines
@@ -648,7 +680,7 @@ impl DirectionCoordinator {
         }
     }
 
-    fn untrack(&mut self, key: (u32, u32)) -> Option<Outstanding> {
+    pub(super) fn untrack(&mut self, key: (u32, u32)) -> Option<Outstanding> {
         let d = &mut self.directions;
         let o = d.outstanding.remove(&key)?;
         d.deadlines
@@ -657,15 +689,25 @@ impl DirectionCoordinator {
     }
 
     /// The ROUTE_DIRECTION for one side of a path.
-    fn direction_for(&self, path_id: u32, side: Side) -> Option<Message> {
+    pub(super) fn direction_for(&self, path_id: u32, side: Side) -> Option<Message> {
         let p = self.directions.paths.get(&path_id)?;
         let (peer, peer_addrs) = match side {
             Side::Requester => (&p.target, &p.plan.requester_peer_addrs),
             Side::Target => (&p.requester, &p.plan.target_peer_addrs),
         };
-        let Party::Local(peer_idx) = peer;
-        let peer_node = self.node(*peer_idx)?;
-        let v = self.config.pools.pair(peer_node.pair)?;
+        let (peer_fqdn, v4, v6, peer_public_key) = match peer {
+            Party::Local(idx) => {
+                let n = self.node(*idx)?;
+                let v = self.config.pools.pair(n.pair)?;
+                (n.fqdn.clone(), v.v4, v.v6, n.public_key)
+            }
+            Party::Remote { info, .. } => (
+                info.fqdn.clone(),
+                info.virtual_v4,
+                info.virtual_v6,
+                info.public_key,
+            ),
+        };
         let role = if p.plan.initiator == side {
             TunnelRole::Initiator
         } else {
@@ -677,10 +719,10 @@ impl DirectionCoordinator {
                 route: p.plan.route,
                 role,
                 reason: p.plan.reason,
-                peer_fqdn: peer_node.fqdn.clone(),
-                peer_virtual_v4: v.v4,
-                peer_virtual_v6: v.v6,
-                peer_public_key: peer_node.public_key,
+                peer_fqdn,
+                peer_virtual_v4: v4,
+                peer_virtual_v6: v6,
+                peer_public_key,
                 peer_addrs: addr_list(peer_addrs),
                 relay_addrs: p.relay_addrs.clone(),
                 tunnel_credential: p.tunnel_credential.clone(),
@@ -718,7 +760,21 @@ impl DirectionCoordinator {
             Side::Requester => p.requester.clone(),
             Side::Target => p.target.clone(),
         };
-        let Party::Local(idx) = party;
+        let Some(msg) = self.direction_for(path_id, side) else {
+            return;
+        };
+        let idx = match party {
+            Party::Local(idx) => idx,
+            Party::Remote { .. } => {
+                // The answer to the other DC's NTM_INFO_REQUEST: a response, not retransmitted
+                // (the other DC retransmits its request and gets it again).
+                self.send_answer(request, &msg);
+                if let Some(p) = self.directions.paths.get_mut(&path_id) {
+                    p.acked[0] = true;
+                }
+                return;
+            }
+        };
         let (local, remote, key_id, txid) = match side {
             Side::Requester => (request.local, request.remote, request.key_id, request.txid),
             Side::Target => {
@@ -727,9 +783,6 @@ impl DirectionCoordinator {
                 };
                 (local, remote, key_id, self.fresh_txid(key_id, rng))
             }
-        };
-        let Some(msg) = self.direction_for(path_id, side) else {
-            return;
         };
         let rto = self.directions.rtt.rto(remote, &self.config.retransmit);
         let tx = Transaction::start(
@@ -750,12 +803,13 @@ impl DirectionCoordinator {
         let Some(p) = self.directions.paths.get(&path_id) else {
             return;
         };
-        if !matches!(p.state, PathState::Directed) || p.acked[0] {
+        let remote = matches!(p.requester, Party::Remote { .. });
+        if !matches!(p.state, PathState::Directed) || (p.acked[0] && !remote) {
             return; // still waiting for the relay (absorbed), or already acknowledged
         }
         let r = p.request;
         if let Some(msg) = self.direction_for(path_id, Side::Requester) {
-            self.send_to_node(r.local, r.remote, r.key_id, &msg, r.txid);
+            self.send_answer(r, &msg);
         }
     }
 
@@ -773,6 +827,11 @@ impl DirectionCoordinator {
         let Some(o) = self.directions.outstanding.get(&(key_id, txid)) else {
             return Err(DropReason::Unexpected);
         };
+        if o.purpose == Purpose::Forwarded {
+            self.untrack((key_id, txid));
+            self.directions.kept.remove(&(key_id, txid));
+            return Ok(());
+        }
         let Purpose::Direction { path_id, side } = o.purpose else {
             return Err(DropReason::Unexpected);
         };
@@ -811,8 +870,10 @@ impl DirectionCoordinator {
         let Some(p) = self.forget_path(path_id) else {
             return;
         };
-        let (Party::Local(r), Party::Local(t)) = (&p.requester, &p.target);
-        let (Some(rv), Some(tv)) = (self.view_of(*r), self.view_of(*t)) else {
+        let (Some(rv), Some(tv)) = (
+            self.view_of_party(&p.requester),
+            self.view_of_party(&p.target),
+        ) else {
             return;
         };
         let plan = select_route(&rv, &tv, p.plan.reason == RouteReason::DirectFailed);
@@ -844,6 +905,7 @@ impl DirectionCoordinator {
                 Purpose::Direction { path_id: id, .. } | Purpose::Relay { path_id: id, .. } => {
                     id == path_id
                 }
+                Purpose::NtmInfo { .. } | Purpose::Forwarded => false,
             })
             .map(|(k, _)| *k)
             .collect();
@@ -1000,6 +1062,16 @@ impl DirectionCoordinator {
                             self.send_to_node(local, remote, key.0, &msg, key.1);
                         }
                     }
+                    Purpose::Forwarded => {
+                        if let Some(msg) = self.directions.kept.get(&key).cloned() {
+                            self.send_to_node(local, remote, key.0, &msg, key.1);
+                        }
+                    }
+                    Purpose::NtmInfo { .. } => {
+                        if let Some(msg) = self.directions.kept.get(&key).cloned() {
+                            self.send_to_peer(local, remote, key.0, &msg, key.1);
+                        }
+                    }
                     Purpose::Relay { path_id, relay } => {
                         // spec/05 §5.13: no answer within 2 transmissions, next candidate.
                         if transmissions > 2 {
@@ -1024,8 +1096,14 @@ impl DirectionCoordinator {
             }
             Expiry::Failed => {
                 self.untrack(key);
+                self.directions.kept.remove(&key);
                 if let Purpose::Relay { path_id, .. } = purpose {
                     self.try_next_relay(now, path_id, rng);
+                }
+                if let Purpose::NtmInfo { request, .. } = purpose {
+                    // The peer's DC never answered (spec/05 §5.5.1).
+                    let e = error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest);
+                    self.answer_direction(now, request, e);
                 }
                 // A node that never acknowledged its direction keeps the path record until it
                 // expires: a later DIRECTION_REQUEST(rebuild) can still name it.

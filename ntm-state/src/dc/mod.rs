@@ -96,7 +96,9 @@ use crate::signaling::{
 use crate::time::Time;
 
 mod directions;
+mod peers;
 pub use directions::{AccessPolicy, PathStatus, RelayLink};
+pub use peers::DirectoryEntry;
 
 /// The gaps a session's replay window remembers (see the module documentation).
 pub const REPLAY_GAPS: usize = 4;
@@ -173,6 +175,8 @@ pub struct DcLimits {
     pub sequence_block: u64,
     /// Paths recorded at once (each holds its credentials until its lifetime ends).
     pub max_paths: usize,
+    /// DC↔DC keys held at once.
+    pub max_dc_keys: usize,
 }
 
 impl Default for DcLimits {
@@ -187,6 +191,7 @@ impl Default for DcLimits {
             max_queued_events: 1024,
             sequence_block: 1 << 16,
             max_paths: 65_536,
+            max_dc_keys: 1024,
         }
     }
 }
@@ -222,6 +227,19 @@ pub struct DcConfig {
     pub relay_rate_limit_kbps: u32,
     /// The retransmission schedule of the DC's own requests (ROUTE_DIRECTION, RELAY_REQUEST).
     pub retransmit: RetransmitConfig,
+    /// This DC's ID in the directory (the key ID of its bootstrap KEY_DISTRIBUTIONs); 0 when it
+    /// talks to no other DC.
+    pub dc_id: u32,
+    /// Its static X25519 secret (DC↔DC key bootstrap); the directory lists the public key.
+    pub static_secret: Option<SecretKey>,
+    /// The other DCs: who they are and where to find them when DNS fails.
+    pub directory: Vec<DirectoryEntry>,
+    /// DNS resolvers for finding other DCs (NS lookups); none: the directory only.
+    pub resolvers: Vec<SocketAddr>,
+    /// DC↔DC key lifetime: 24 h.
+    pub dc_key_lifetime: Duration,
+    /// The port the DC answers DNS queries for its zone on: 53.
+    pub dns_port: u16,
     pub limits: DcLimits,
 }
 
@@ -249,6 +267,12 @@ impl DcConfig {
             direction_lifetime: Duration::from_secs(24 * 3600),
             relay_rate_limit_kbps: 0,
             retransmit: RetransmitConfig::default(),
+            dc_id: 0,
+            static_secret: None,
+            directory: Vec::new(),
+            resolvers: Vec::new(),
+            dc_key_lifetime: Duration::from_secs(24 * 3600),
+            dns_port: crate::dns::DNS_PORT,
             limits: DcLimits::default(),
         }
     }
@@ -655,6 +679,9 @@ pub struct DirectionCoordinator {
     next_pair: u32,
     deadlines: BTreeSet<(Time, Due)>,
     directions: directions::Directions,
+    peers: peers::Peers,
+    /// The authoritative DNS service of the zone.
+    dns: Option<crate::dns::ZoneAuthority>,
     output: ServerOutput<DcEvent>,
     drops: DropCounters,
 }
@@ -724,6 +751,8 @@ impl DirectionCoordinator {
             next_pair: 1,
             deadlines: BTreeSet::new(),
             directions: directions::Directions::new(&config.relays),
+            peers: peers::Peers::new(&config.directory, &config.resolvers),
+            dns: zone_authority(&config),
             output: ServerOutput::new(
                 l.max_queued_transmits,
                 l.max_queued_events,
@@ -938,6 +967,13 @@ impl DirectionCoordinator {
         buf: &mut [u8],
         rng: &mut R,
     ) -> Result<(), DropReason> {
+        if self.peers.is_resolver(remote) {
+            self.on_resolver_datagram(now, local, remote, buf, rng);
+            return Ok(());
+        }
+        if local.port() == self.config.dns_port {
+            return self.on_dns_query(now, local, remote, buf);
+        }
         let header = match server_intake(buf, Role::B) {
             Ok(h) => h,
             Err(refusal) => {
@@ -949,8 +985,19 @@ impl DirectionCoordinator {
         };
         let key_id = header.envelope.key_id;
         match header.msg_type {
+            MessageType::KeyDistribution if header.envelope.ephemeral.is_some() => {
+                self.on_bootstrap(now, local, remote, buf, &header)
+            }
             MessageType::KeyDistribution => {
                 self.on_key_distribution(now, local, remote, buf, &header)
+            }
+            MessageType::NtmInfoRequest
+            | MessageType::RouteDirection
+            | MessageType::Ack
+            | MessageType::Error
+                if self.peers.holds_key(key_id) =>
+            {
+                self.on_peer_datagram(now, local, remote, buf, key_id, rng)
             }
             MessageType::RelayResponse | MessageType::Ack | MessageType::Error
                 if self.directions.is_relay_key(key_id) =>
@@ -1140,6 +1187,7 @@ impl DirectionCoordinator {
                     via,
                     key_id,
                     txid,
+                    peer: None,
                 };
                 self.on_registration(now, from, node_idx, r);
                 Ok(())
@@ -1151,6 +1199,7 @@ impl DirectionCoordinator {
                     via,
                     key_id,
                     txid,
+                    peer: None,
                 };
                 self.on_direction_request(now, from, node_idx, d, rng);
                 Ok(())
@@ -1180,6 +1229,7 @@ impl DirectionCoordinator {
             via,
             key_id,
             txid,
+            ..
         } = from;
         if self.by_fqdn.get(&r.node_fqdn) != Some(&node_idx) {
             let error = error_msg(ErrorCode::WrongState, MessageType::RegistrationRequest);
@@ -1348,6 +1398,7 @@ impl DirectionCoordinator {
     /// Timers due at `now` fire: registrations lapse, session keys expire and are forgotten.
     pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
         self.directions_timeout(now, rng);
+        self.peers_timeout(now, rng);
         while let Some(&(at, due)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -1431,11 +1482,14 @@ impl DirectionCoordinator {
 
     /// The earliest deadline and what it is for.
     pub fn poll_timeout(&self) -> Option<(Time, &'static str)> {
-        let registry = self.registry_deadline();
-        match (registry, self.directions.next_deadline()) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+        [
+            self.registry_deadline(),
+            self.directions.next_deadline(),
+            self.peers.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(t, _)| *t)
     }
 
     fn registry_deadline(&self) -> Option<(Time, &'static str)> {
@@ -1460,6 +1514,62 @@ impl DirectionCoordinator {
     }
 }
 
+/// The zone's DNS service: the apex answers with the DC's own addresses.
+fn zone_authority(config: &DcConfig) -> Option<crate::dns::ZoneAuthority> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for a in &config.addrs {
+        match a.ip() {
+            IpAddr::V4(x) if !v4.contains(&x) => v4.push(x),
+            IpAddr::V6(x) if !v6.contains(&x) => v6.push(x),
+            _ => {}
+        }
+    }
+    v4.truncate(8);
+    v6.truncate(8);
+    crate::dns::ZoneAuthority::new(crate::dns::ZoneConfig::new(config.zone.clone(), v4, v6)).ok()
+}
+
+impl DirectionCoordinator {
+    /// A DNS query on the DNS port: answered for the zone (spec/05 §5.12). A node's addresses
+    /// are its virtual pair, and only when every caller may reach it (concealment).
+    fn on_dns_query(
+        &mut self,
+        now: Time,
+        local: SocketAddr,
+        remote: SocketAddr,
+        buf: &[u8],
+    ) -> Result<(), DropReason> {
+        let Some(mut dns) = self.dns.take() else {
+            return Err(DropReason::Unexpected);
+        };
+        let mut out = [0u8; crate::dns::DEFAULT_UDP_PAYLOAD as usize];
+        let answer = dns.answer_from(
+            now,
+            remote.ip(),
+            buf,
+            |name| {
+                let node = self.node_named(name)?;
+                if !self.config.access.is_public(name) {
+                    return None;
+                }
+                let v = self.config.pools.pair(node.pair)?;
+                Some((v.v4, v.v6))
+            },
+            &mut out,
+        );
+        self.dns = Some(dns);
+        match answer {
+            Ok(n) => {
+                let d = out.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
+                self.output.queue(Some(local), remote, Ok(d));
+                Ok(())
+            }
+            Err(_) => Err(DropReason::Unexpected),
+        }
+    }
+}
+
 /// Who sent a request, and where it arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Sender {
@@ -1469,6 +1579,8 @@ struct Sender {
     via: u8,
     key_id: u32,
     txid: u32,
+    /// For a request from another DC: its index in the directory.
+    peer: Option<usize>,
 }
 
 fn error_msg(code: ErrorCode, failed: MessageType) -> Message {

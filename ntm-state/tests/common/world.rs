@@ -71,6 +71,7 @@ pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
 
 pub struct NodeHost {
     pub index: usize,
+    pub fqdn: Fqdn,
     pub host: HostId,
     pub node: Node,
     pub rng: ChaCha8Rng,
@@ -107,6 +108,21 @@ impl NodeHost {
     }
 }
 
+/// A second DC (another zone) and the parent zone's name server the DCs resolve through.
+pub struct Domain2 {
+    pub host: HostId,
+    pub dc: DirectionCoordinator,
+    pub addrs: Vec<SocketAddr>,
+    pub rng: ChaCha8Rng,
+    pub resolver_host: HostId,
+    pub resolver: SocketAddr,
+    pub parent: ntm_state::dns::ParentZone,
+    /// DNS queries the parent zone's server answered.
+    pub queries: usize,
+}
+
+pub const DNS_PORT: u16 = 53;
+
 pub struct RsHost {
     pub host: HostId,
     pub rs: RelayServer,
@@ -123,12 +139,15 @@ pub struct World {
     pub as_addr: SocketAddr,
     pub dc_addrs: Vec<SocketAddr>,
     pub server: AccountServer,
+    /// The configuration the AS was made with.
+    pub server_config: ntm_state::as_server::AsConfig,
     pub dc: DirectionCoordinator,
     pub as_rng: ChaCha8Rng,
     pub dc_rng: ChaCha8Rng,
     pub nodes: Vec<NodeHost>,
     pub relays: Vec<RsHost>,
     pub dc_events: Vec<(Time, DcEvent)>,
+    pub domain2: Option<Domain2>,
     by_host: BTreeMap<HostId, usize>,
 }
 
@@ -217,7 +236,8 @@ impl World {
         );
         dc_config.relays = links;
         World {
-            server: AccountServer::new(as_config).expect("AS config"),
+            server: AccountServer::new(as_config.clone()).expect("AS config"),
+            server_config: as_config,
             dc: DirectionCoordinator::new(dc_config).expect("DC config"),
             net,
             internet,
@@ -230,8 +250,138 @@ impl World {
             nodes: Vec::new(),
             relays,
             dc_events: Vec::new(),
+            domain2: None,
             by_host: BTreeMap::new(),
         }
+    }
+
+    /// Two domains: `dc1.example` (this world's DC) and `dc2.example` (a second DC with the
+    /// same RS setup left out: relays belong to dc1), under a parent zone `example` whose name
+    /// server delegates both with glue. The DCs know each other only from the directory (DC ID
+    /// and static key, no address): they find each other by NS lookups. Accounts
+    /// `node{i}@dc1.example` and `node{i}@dc2.example` exist for i < `setup.accounts`.
+    pub fn two_domains(setup: &WorldSetup) -> World {
+        let mut w = World::new(setup);
+        let internet = w.internet;
+        let host = w.net.host("dc2", internet, INTERNET_LINK);
+        let addrs: Vec<SocketAddr> = w
+            .net
+            .sim
+            .addrs(host)
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, DC_PORT))
+            .collect();
+        let resolver_host = w.net.host("ns.example", internet, INTERNET_LINK);
+        let resolver = SocketAddr::new(w.net.sim.v4(resolver_host).expect("v4"), DNS_PORT);
+        let (s1, s2) = (
+            SecretKey::from_bytes([0xd1; 32]),
+            SecretKey::from_bytes([0xd2; 32]),
+        );
+        let p1 = ntm_wire::crypto::x25519_public(s1.expose());
+        let p2 = ntm_wire::crypto::x25519_public(s2.expose());
+        let entry = |zone: &str, dc_id, public_key| ntm_state::dc::DirectoryEntry {
+            zone: fqdn(zone),
+            dc_id,
+            public_key,
+            addrs: Vec::new(),
+        };
+        let mut c2 = DcConfig::new(
+            fqdn("dc2.example"),
+            addrs.clone(),
+            super::as_dc_key(),
+            DC_KEY_ID + 1,
+            VirtualPools {
+                v4: Ipv4Addr::new(100, 64, 2, 0),
+                v4_prefix_len: 24,
+                v6: "fd4e:544d:0:2::".parse().expect("v6 pool"),
+            },
+        );
+        c2.dc_id = 2;
+        c2.static_secret = Some(s2);
+        c2.directory = vec![entry("dc1.example", 1, p1)];
+        c2.resolvers = vec![resolver];
+        let mut c1 = w.dc.config().clone();
+        c1.dc_id = 1;
+        c1.static_secret = Some(s1);
+        c1.directory = vec![entry("dc2.example", 2, p2)];
+        c1.resolvers = vec![resolver];
+        w.dc = DirectionCoordinator::new(c1).expect("DC1 config");
+        // The AS serves both domains.
+        let mut as_config = w.server_config.clone();
+        as_config.dcs.insert(
+            fqdn("dc2.example"),
+            ntm_state::as_server::DcLink {
+                key: super::as_dc_key(),
+                key_id: DC_KEY_ID + 1,
+                addr: addrs[0],
+                high_water_mark: 0,
+            },
+        );
+        let dc2_list = ntm_wire::AddrList::new(
+            addrs
+                .iter()
+                .map(|a| ntm_wire::TransportAddr::new(*a))
+                .collect(),
+        )
+        .expect("addrs");
+        let template = as_config
+            .accounts
+            .values()
+            .next()
+            .cloned()
+            .expect("an account");
+        for i in 0..setup.accounts {
+            let mut record = template.clone();
+            record.node_fqdn = fqdn(&format!("node{i}.dc2.example"));
+            record.dc = fqdn("dc2.example");
+            record.dc_addrs = dc2_list.clone();
+            as_config
+                .accounts
+                .insert(super::account(&format!("node{i}@dc2.example")), record);
+        }
+        w.server = AccountServer::new(as_config).expect("AS config");
+        let mut parent = ntm_state::dns::ParentZone::new(fqdn("example"), 3600);
+        for (zone, a) in [("dc1", &w.dc_addrs), ("dc2", &addrs)] {
+            let v4 = a.iter().filter_map(|x| match x.ip() {
+                IpAddr::V4(v) => Some(v),
+                IpAddr::V6(_) => None,
+            });
+            let v6 = a.iter().filter_map(|x| match x.ip() {
+                IpAddr::V6(v) => Some(v),
+                IpAddr::V4(_) => None,
+            });
+            parent
+                .delegate(
+                    fqdn(&format!("{zone}.example")),
+                    fqdn(&format!("ns.{zone}.example")),
+                    v4.collect(),
+                    v6.collect(),
+                )
+                .expect("delegation");
+        }
+        w.domain2 = Some(Domain2 {
+            host,
+            dc: DirectionCoordinator::new(c2).expect("DC2 config"),
+            addrs,
+            rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x6463_32),
+            resolver_host,
+            resolver,
+            parent,
+            queries: 0,
+        });
+        w
+    }
+
+    /// A node of `dc2.example` (account `node{i}@dc2.example`) on `segment`.
+    pub fn add_node_dc2(&mut self, i: usize, segment: SegmentId, link: Duration) -> usize {
+        let index = self.nodes.len();
+        let host = self.net.host(&format!("dc2-node{i}"), segment, link);
+        self.add_node_named(
+            index,
+            host,
+            super::account(&format!("node{i}@dc2.example")),
+            fqdn(&format!("node{i}.dc2.example")),
+        )
     }
 
     /// A NAT on `outside` with this mapping (filtering address-and-port dependent).
@@ -248,6 +398,16 @@ impl World {
 
     /// Node on a host made by the test (e.g. with a chosen address).
     pub fn add_node_on(&mut self, index: usize, host: HostId) -> usize {
+        self.add_node_named(index, host, account(index), node_name(index))
+    }
+
+    fn add_node_named(
+        &mut self,
+        index: usize,
+        host: HostId,
+        account: ntm_wire::Account,
+        fqdn: Fqdn,
+    ) -> usize {
         let local = self.local_addrs_of(host);
         // The AS is dual-stack: an IPv6-only node logs in over IPv6.
         let as_addr = if local.iter().any(SocketAddr::is_ipv4) {
@@ -257,7 +417,7 @@ impl World {
         };
         let login = LoginConfig {
             min_iterations: ITERATIONS,
-            ..LoginConfig::new(account(index), self.server.public_key(), as_addr)
+            ..LoginConfig::new(account, self.server.public_key(), as_addr)
         };
         let config = NodeConfig::new(
             login,
@@ -267,6 +427,7 @@ impl World {
         let node = Node::new(config, PASSWORD).expect("node config");
         self.nodes.push(NodeHost {
             index,
+            fqdn,
             host,
             node,
             rng: ChaCha8Rng::seed_from_u64(self.net.sim.seed() ^ (0x6e6f6465 + index as u64)),
@@ -308,10 +469,10 @@ impl World {
     /// Node `i` resolves node `j`; runs until both ends have the tunnel up or `limit`.
     pub fn connect(&mut self, i: usize, j: usize, limit: Duration) -> Time {
         let start = self.now();
-        let peer = node_name(j);
+        let peer = self.nodes[j].fqdn.clone();
         let n = &mut self.nodes[i];
         n.node.resolve(start, &peer, &mut n.rng);
-        let me = node_name(i);
+        let me = self.nodes[i].fqdn.clone();
         let limit = start + limit;
         self.run(limit, |w| {
             w.nodes[i].node.tunnel(&peer).is_some() && w.nodes[j].node.tunnel(&me).is_some()
@@ -396,7 +557,10 @@ impl World {
     }
 
     pub fn path(&self, i: usize, j: usize) -> Option<TunnelPath> {
-        self.nodes[i].node.tunnel(&node_name(j)).map(|t| t.path)
+        self.nodes[i]
+            .node
+            .tunnel(&self.nodes[j].fqdn)
+            .map(|t| t.path)
     }
 
     pub fn errors(&self, i: usize) -> Vec<&NodeEvent> {
@@ -456,6 +620,12 @@ impl Drive for World {
         let out = drain(|b| self.dc.poll_transmit(now, b));
         let (host, addr) = (self.dc_host, self.dc_addrs[0]);
         self.send_all(now, "dc", host, addr, out);
+        if let Some(d) = self.domain2.as_mut() {
+            while d.dc.poll_event().is_some() {}
+            let out = drain(|b| d.dc.poll_transmit(now, b));
+            let (host, addr) = (d.host, d.addrs[0]);
+            self.send_all(now, "dc2", host, addr, out);
+        }
         for i in 0..self.relays.len() {
             while self.relays[i].rs.poll_event().is_some() {}
             let r = &mut self.relays[i];
@@ -484,6 +654,16 @@ impl Drive for World {
         } else if d.host == self.dc_host {
             self.dc
                 .handle_datagram(now, d.local, d.remote, &mut payload, &mut self.dc_rng);
+        } else if let Some(dom) = self.domain2.as_mut().filter(|x| x.host == d.host) {
+            dom.dc
+                .handle_datagram(now, d.local, d.remote, &mut payload, &mut dom.rng);
+        } else if let Some(dom) = self.domain2.as_mut().filter(|x| x.resolver_host == d.host) {
+            let mut out = [0u8; 1232];
+            if let Ok(n) = dom.parent.answer(&payload, &mut out) {
+                dom.queries += 1;
+                let (host, src) = (dom.resolver_host, dom.resolver);
+                self.send(now, "resolver", host, src, d.remote, out[..n].to_vec());
+            }
         } else if let Some(r) = self.relays.iter_mut().find(|r| r.host == d.host) {
             r.rs.handle_datagram(now, d.local, d.remote, &mut payload, &mut r.rng);
         } else if let Some(&i) = self.by_host.get(&d.host) {
@@ -502,6 +682,12 @@ impl Drive for World {
         t.extend(self.server.poll_timeout().map(|x| x.0));
         t.extend(self.dc.poll_timeout().map(|x| x.0));
         t.extend(
+            self.domain2
+                .as_ref()
+                .and_then(|d| d.dc.poll_timeout())
+                .map(|x| x.0),
+        );
+        t.extend(
             self.relays
                 .iter()
                 .filter_map(|r| r.rs.poll_timeout().map(|x| x.0)),
@@ -517,6 +703,9 @@ impl Drive for World {
     fn handle_timeout(&mut self, now: Time) {
         self.server.handle_timeout(now, &mut self.as_rng);
         self.dc.handle_timeout(now, &mut self.dc_rng);
+        if let Some(d) = self.domain2.as_mut() {
+            d.dc.handle_timeout(now, &mut d.rng);
+        }
         for r in &mut self.relays {
             r.rs.handle_timeout(now, &mut r.rng);
         }
