@@ -238,15 +238,12 @@ impl DirectionCoordinator {
 
     fn discovery_events<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
         self.drain_discovery();
-        loop {
-            let Some(e) = self
-                .peers
-                .discovery
-                .as_mut()
-                .and_then(DcDiscovery::poll_event)
-            else {
-                break;
-            };
+        while let Some(e) = self
+            .peers
+            .discovery
+            .as_mut()
+            .and_then(DcDiscovery::poll_event)
+        {
             match e {
                 DiscoveryEvent::Resolved { zone, addrs, .. } => {
                     if let Some(peer) = self.directory_index(&zone) {
