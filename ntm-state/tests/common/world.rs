@@ -363,7 +363,7 @@ impl World {
             host,
             dc: DirectionCoordinator::new(c2).expect("DC2 config"),
             addrs,
-            rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x6463_32),
+            rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x0064_6332),
             resolver_host,
             resolver,
             parent,
