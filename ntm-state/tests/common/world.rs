@@ -389,6 +389,27 @@ impl World {
         self.net.nat(name, outside, mapping).1
     }
 
+    /// A NAT on `outside` with this mapping and filtering (ports preserved, no hairpin).
+    pub fn nat_with(
+        &mut self,
+        name: &str,
+        outside: SegmentId,
+        mapping: Mapping,
+        filtering: ntm_state::sim::Filtering,
+    ) -> SegmentId {
+        let (nat, inside) = self
+            .net
+            .sim
+            .nat(
+                name,
+                outside,
+                ntm_state::sim::NatConfig::new(mapping, filtering),
+            )
+            .expect("nat");
+        let _ = self.net.sim.set_nat_link(nat, Link::latency(HOME_LINK));
+        inside
+    }
+
     /// Node `i` (account `node{i}@dc1.example`) on `segment`.
     pub fn add_node(&mut self, segment: SegmentId, link: Duration) -> usize {
         let index = self.nodes.len();
