@@ -638,3 +638,65 @@ fn s08_two_domains_found_through_dns() {
     data_both_ways(&mut w, mn2, cn2);
     println!("two domains, direct: first contact {first:?}, DCs known {second:?}");
 }
+
+/// Scenario 10: both ends move at the same time, each to its own NAT. Each one's PATH_UPDATE
+/// goes to the other's old address and is lost; both fall back to their DC with a rebuild, the
+/// DC decides once (the second request gets its side of the first's decision), and data resumes
+/// on one tunnel, relayed and then direct after probing.
+#[test]
+fn s10_both_ends_move_at_once() {
+    let mut w = World::new(&WorldSetup::new(10));
+    let internet = w.internet;
+    let g4a = w
+        .net
+        .sim
+        .segment("g4a", Stack::V4Only, Some(internet))
+        .expect("segment");
+    let g4b = w
+        .net
+        .sim
+        .segment("g4b", Stack::V4Only, Some(internet))
+        .expect("segment");
+    let home_a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
+    let home_b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
+    let mn = w.add_node(g4a, INTERNET_LINK);
+    let cn = w.add_node(g4b, INTERNET_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let vaddrs = (w.nodes[mn].vaddrs(), w.nodes[cn].vaddrs());
+    let mut flow = Flow::new();
+    let every = Duration::from_millis(10);
+    flow.run(&mut w, mn, cn, Duration::from_millis(300), every);
+    let moved = w.move_node(mn, home_a, NAT_LINK);
+    w.move_node(cn, home_b, NAT_LINK);
+    flow.run(&mut w, mn, cn, Duration::from_secs(15), every);
+    let gap = flow.interruption(&w, mn, cn, moved);
+    println!("both moved: interruption (MN→CN, CN→MN) {gap:?}");
+    assert!(
+        gap[0].is_some() && gap[1].is_some(),
+        "{gap:?}\n{}",
+        w.context()
+    );
+    // One tunnel at each end, the same one, direct after probing.
+    let a = w.nodes[mn].node.tunnels();
+    let b = w.nodes[cn].node.tunnels();
+    let live_a: Vec<u32> = a
+        .iter()
+        .filter(|t| !t.retiring)
+        .map(|t| t.path_id)
+        .collect();
+    let live_b: Vec<u32> = b
+        .iter()
+        .filter(|t| !t.retiring)
+        .map(|t| t.path_id)
+        .collect();
+    assert_eq!(live_a, live_b, "{}", w.context());
+    assert_eq!(live_a.len(), 1, "{}", w.context());
+    assert!(
+        matches!(w.path(mn, cn), Some(TunnelPath::Direct(_))),
+        "{}",
+        w.context()
+    );
+    assert_eq!((w.nodes[mn].vaddrs(), w.nodes[cn].vaddrs()), vaddrs);
+    data_both_ways(&mut w, mn, cn);
+}

@@ -36,6 +36,9 @@ use crate::time::Time;
 /// How long an answered DIRECTION_REQUEST's outcome is kept for its retransmissions (spec/07).
 const ANSWER_CACHE: Duration = Duration::from_secs(30);
 
+/// How long the DC remembers which path replaced a rebuilt one (spec/05 §5.9.1).
+const REBUILD_MEMORY: Duration = Duration::from_secs(10);
+
 /// Who may reach whom (spec/07 §7.4). By default every node may reach every other; a
 /// restricted target is reachable only by the FQDNs listed for it, and is concealed from every
 /// other caller (and from DNS, which answers for every caller).
@@ -174,6 +177,8 @@ pub(super) struct Directions {
     /// Messages kept for retransmission, by (key ID, transaction ID): NTM_INFO_REQUESTs and
     /// relayed ROUTE_DIRECTIONs.
     pub(super) kept: BTreeMap<(u32, u32), Message>,
+    /// Rebuilt Path ID → the Path ID that replaced it and when, bounded by `max_paths`.
+    rebuilt: BTreeMap<u32, (u32, Time)>,
     paths: BTreeMap<u32, PathRecord>,
     pub(super) outstanding: BTreeMap<(u32, u32), Outstanding>,
     pub(super) answers: BTreeMap<(u32, u32), (Answered, Time)>,
@@ -199,6 +204,7 @@ impl Directions {
                 })
                 .collect(),
             kept: BTreeMap::new(),
+            rebuilt: BTreeMap::new(),
             paths: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             answers: BTreeMap::new(),
@@ -398,6 +404,34 @@ impl DirectionCoordinator {
                     (Party::Local(a), Party::Local(b))
                         if (*a == node_idx && *b == target) || (*a == target && *b == node_idx))
                 });
+        if !rebuild && req.rebuild_path_id != 0 {
+            // Both ends asked to rebuild the same path (both moved at once): the second gets
+            // its side of the rebuild already decided, so one tunnel results, not two.
+            let twin = self
+                .directions
+                .rebuilt
+                .get(&req.rebuild_path_id)
+                .filter(|(_, at)| *at + REBUILD_MEMORY > now)
+                .map(|(id, _)| *id);
+            let side = twin.and_then(|id| {
+                let p = self.directions.paths.get(&id)?;
+                match (&p.requester, &p.target) {
+                    (Party::Local(a), Party::Local(b)) if *a == target && *b == node_idx => {
+                        Some((id, Side::Target))
+                    }
+                    (Party::Local(a), Party::Local(b)) if *a == node_idx && *b == target => {
+                        Some((id, Side::Requester))
+                    }
+                    _ => None,
+                }
+            });
+            if let Some((id, side)) = side {
+                if let Some(msg) = self.direction_for(id, side) {
+                    self.answer_direction(now, from, msg);
+                    return;
+                }
+            }
+        }
         if rebuild {
             self.forget_path(req.rebuild_path_id);
         }
@@ -405,7 +439,7 @@ impl DirectionCoordinator {
         let Some(target_fqdn) = self.node(target).map(|n| n.fqdn.clone()) else {
             return;
         };
-        self.decide(
+        let new_path = self.decide(
             now,
             from,
             (Party::Local(node_idx), requester_fqdn),
@@ -413,6 +447,13 @@ impl DirectionCoordinator {
             plan,
             rng,
         );
+        if let (true, Some(id)) = (rebuild, new_path) {
+            let d = &mut self.directions;
+            d.rebuilt.retain(|_, (_, at)| *at + REBUILD_MEMORY > now);
+            if d.rebuilt.len() < self.config.limits.max_paths {
+                d.rebuilt.insert(req.rebuild_path_id, (id, now));
+            }
+        }
     }
 
     /// ROUTE_DIRECTION(Offline) for the requester: the peer's name, virtual addresses and key.
@@ -482,7 +523,7 @@ impl DirectionCoordinator {
         target: (Party, Fqdn),
         plan: RoutePlan,
         rng: &mut R,
-    ) {
+    ) -> Option<u32> {
         let limit = self.config.limits.max_paths;
         if self.directions.paths.len() >= limit {
             self.answer_direction(
@@ -490,7 +531,7 @@ impl DirectionCoordinator {
                 from,
                 error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest),
             );
-            return;
+            return None;
         }
         let path_id = loop {
             let p = rng.next_u32();
@@ -527,7 +568,7 @@ impl DirectionCoordinator {
                         MessageType::DirectionRequest,
                     ),
                 );
-                return;
+                return None;
             };
             record.state = PathState::AwaitingRelay {
                 relay,
@@ -547,6 +588,7 @@ impl DirectionCoordinator {
             }
             _ => self.send_directions(now, path_id, rng),
         }
+        Some(path_id)
     }
 
     /// ERROR NoRoute when no configured RS could ever serve the route, RelayUnavailable when

@@ -76,6 +76,9 @@ pub struct NodeTimers {
     pub probe_repeat: Duration,
     /// A replaced tunnel is kept this long for packets in flight: 10 s.
     pub replaced_tunnel: Duration,
+    /// Two rebuilt tunnels to one peer established within this of each other are duplicates
+    /// (both ends rebuilt at once); the lower Path ID stays: 3 s.
+    pub duplicate_tunnel: Duration,
 }
 
 impl Default for NodeTimers {
@@ -92,6 +95,7 @@ impl Default for NodeTimers {
             probe_round: Duration::from_secs(10),
             probe_repeat: Duration::from_secs(300),
             replaced_tunnel: Duration::from_secs(10),
+            duplicate_tunnel: Duration::from_secs(3),
         }
     }
 }
@@ -759,16 +763,19 @@ impl Node {
             self.send_to_dc(local, remote, &answer(Some(ErrorCode::Malformed)), txid);
             return;
         }
-        // A retransmission of a direction already taken is ACKed again and not acted on.
+        // A retransmission of a direction already taken, or the same direction again (the DC
+        // answering a rebuild it already decided), is ACKed and not acted on.
+        let same = |t: u32, k: &ntm_wire::SecretKey| t == txid || *k == rd.tunnel_credential;
         let known = self
             .pending
             .get(&rd.path_id)
-            .is_some_and(|p| p.dc_txid == txid)
+            .is_some_and(|p| same(p.dc_txid, &p.rd.tunnel_credential))
             || self
                 .tunnels
                 .get(&rd.path_id)
-                .is_some_and(|t| t.dc_txid == txid);
+                .is_some_and(|t| same(t.dc_txid, &t.credential));
         if known {
+            self.lookups.remove(&rd.peer_fqdn);
             self.send_to_dc(local, remote, &answer(None), txid);
             return;
         }

@@ -81,6 +81,8 @@ struct Update {
 
 pub(super) struct Tunnel {
     pub(super) dc_txid: u32,
+    /// K_tun of its direction (a direction repeated by the DC is recognized by it).
+    pub(super) credential: ntm_wire::SecretKey,
     peer: Fqdn,
     peer_v4: std::net::Ipv4Addr,
     peer_v6: std::net::Ipv6Addr,
@@ -111,6 +113,11 @@ pub(super) struct Tunnel {
     missed: u8,
     /// Replaced by a newer tunnel to the same peer: dropped at this time.
     retire_at: Option<Time>,
+    /// Lost the lower-Path-ID rule against a tunnel to the same peer: close it.
+    close_wanted: bool,
+    established: Time,
+    /// Installed while another tunnel to the peer was current (a rebuild).
+    replacement: bool,
     pub(super) stats: TunnelStats,
 }
 
@@ -662,15 +669,25 @@ impl Node {
         // A newer tunnel to the same peer replaces the older one, kept a little for packets in
         // flight (spec/05 §5.7).
         let retire = now + self.config.timers.replaced_tunnel;
-        let older: Vec<u32> = self
+        let older: Vec<(u32, bool)> = self
             .tunnels
             .iter()
             .filter(|(_, t)| t.peer == peer && t.retire_at.is_none())
-            .map(|(id, _)| *id)
+            .map(|(id, t)| {
+                let recent = t.established + self.config.timers.duplicate_tunnel > now;
+                (*id, recent && t.replacement)
+            })
             .collect();
-        for id in older {
+        // Two rebuilt tunnels to one peer within 10 s of each other (both ends rebuilt at once):
+        // both nodes keep the lower Path ID and close the other (spec/05 §5.7). A rebuild that
+        // replaces the tunnel it rebuilds always wins.
+        let replacement = !older.is_empty();
+        let loses = older.iter().any(|(id, twin)| *twin && *id < path_id);
+        let older = if loses { Vec::new() } else { older };
+        for (id, twin) in older {
             if let Some(t) = self.tunnels.get_mut(&id) {
                 t.retire_at = Some(retire);
+                t.close_wanted = twin;
             }
             self.event(NodeEvent::TunnelDown {
                 peer: peer.clone(),
@@ -685,6 +702,7 @@ impl Node {
         let probe_direct = rd.probe_direct && relay.is_some();
         let tunnel = Tunnel {
             dc_txid,
+            credential: rd.tunnel_credential.clone(),
             peer: peer.clone(),
             peer_v4: rd.peer_virtual_v4,
             peer_v6: rd.peer_virtual_v6,
@@ -720,10 +738,16 @@ impl Node {
             last_received: now,
             keepalive: None,
             missed: 0,
-            retire_at: None,
+            retire_at: loses.then_some(retire),
+            close_wanted: loses,
+            established: now,
+            replacement,
             stats: TunnelStats::default(),
         };
         self.tunnels.insert(path_id, tunnel);
+        if loses {
+            return;
+        }
         self.by_vaddr
             .insert(IpAddr::V4(rd.peer_virtual_v4), path_id);
         self.by_vaddr
@@ -1316,8 +1340,14 @@ impl Node {
             }
         }
         for tun in self.tunnels.values() {
+            if tun.close_wanted {
+                take(Time::ZERO, "closing the duplicate tunnel");
+            }
             if let Some(r) = tun.retire_at {
                 take(r, "replaced tunnel removal");
+                if let Some(c) = &tun.close {
+                    take(c.deadline(), "tunnel close retransmission");
+                }
                 continue;
             }
             take(tun.last_data + t.idle, "tunnel idle expiry");
@@ -1456,11 +1486,13 @@ impl Node {
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
-        if t.retire_at.is_some_and(|r| r <= now) {
-            self.tunnels.remove(&path_id);
+        if t.close_wanted && t.close.is_none() {
+            t.close_wanted = false;
+            self.send_close(now, path_id, CloseReason::Normal, rng);
             return;
         }
-        if t.retire_at.is_some() {
+        if t.retire_at.is_some_and(|r| r <= now) {
+            self.tunnels.remove(&path_id);
             return;
         }
         if t.handshake.as_ref().is_some_and(|h| h.until <= now) {
@@ -1487,6 +1519,9 @@ impl Node {
                 }
                 Expiry::NotDue => {}
             }
+            return;
+        }
+        if t.retire_at.is_some() {
             return;
         }
         // Idle expiry.
