@@ -700,3 +700,182 @@ fn s10_both_ends_move_at_once() {
     assert_eq!((w.nodes[mn].vaddrs(), w.nodes[cn].vaddrs()), vaddrs);
     data_both_ways(&mut w, mn, cn);
 }
+
+/// Under loss, a node's application resolves again when a direction fails, and resends data
+/// until it arrives (as a transport above the tunnel would).
+fn connect_retrying(w: &mut World, a: usize, b: usize, limit: Duration) {
+    let end = w.now() + limit;
+    let (pa, pb) = (w.nodes[a].fqdn.clone(), w.nodes[b].fqdn.clone());
+    while w.now() < end {
+        if w.nodes[a].node.tunnel(&pb).is_some() && w.nodes[b].node.tunnel(&pa).is_some() {
+            return;
+        }
+        let now = w.now();
+        let n = &mut w.nodes[a];
+        n.node.resolve(now, &pb, &mut n.rng);
+        let until = (w.now() + Duration::from_secs(2)).min(end);
+        w.run(until, |w| {
+            w.nodes[a].node.tunnel(&pb).is_some() && w.nodes[b].node.tunnel(&pa).is_some()
+        });
+    }
+    let tail: Vec<String> = w
+        .net
+        .sent
+        .iter()
+        .rev()
+        .take(40)
+        .map(|s| format!("{s:?}"))
+        .collect();
+    panic!(
+        "no tunnel under loss\n{}\nlast sent:\n{}",
+        w.context(),
+        tail.join("\n")
+    );
+}
+
+fn data_both_ways_retrying(w: &mut World, a: usize, b: usize) {
+    for (i, j) in [(a, b), (b, a)] {
+        let payload = format!("lossy from node{i} at {}", w.now());
+        let mut got = false;
+        let peer = w.nodes[j].fqdn.clone();
+        for _ in 0..600 {
+            // A persistent application: without a tunnel (the node gave up), it resolves again.
+            let now = w.now();
+            let n = &mut w.nodes[i];
+            if n.node.tunnel(&peer).is_none() {
+                n.node.resolve(now, &peer, &mut n.rng);
+            }
+            if w.deliver_v4(i, j, payload.as_bytes(), Duration::from_millis(500))
+                .is_some()
+            {
+                got = true;
+                break;
+            }
+        }
+        if !got {
+            let tail: Vec<String> = w
+                .net
+                .sent
+                .iter()
+                .filter(|s| [53, 64, 65, 68, 96, 97].contains(&s.msg_type))
+                .rev()
+                .take(60)
+                .map(|s| format!("{s:?}"))
+                .collect();
+            panic!(
+                "node{j} never got {payload:?}\n{}\nlast:\n{}",
+                w.context(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+fn bring_up_retrying(w: &mut World, nodes: &[usize]) {
+    for &i in nodes {
+        // The node retries its login and registration itself, with back-off.
+        w.bring_up(i, Duration::from_secs(120));
+    }
+    w.run_for(Duration::from_secs(1));
+}
+
+/// Scenario 14: 20% loss on every link (hosts' and NATs'); the scenarios above still complete:
+/// login and registration, direct (2), relay then direct (3), IPv6 ↔ IPv4 relay (4), same NAT
+/// (7), two domains (8), and a handover with data resuming (9), over several seeds.
+#[test]
+fn s14_every_scenario_completes_under_20_percent_loss() {
+    use ntm_state::sim::Link;
+    let seeds: u64 = std::env::var("NTM_LOSS_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    for seed in 0..seeds {
+        let lossy = Some(Link {
+            loss: 0.2,
+            ..Link::latency(Duration::from_millis(10))
+        });
+        let setup = |s: u64| WorldSetup {
+            link: lossy,
+            ..WorldSetup::new(1400 + s * 10 + seed * 1000)
+        };
+        // 2: direct, the NATed target first.
+        let mut w = World::new(&setup(2));
+        let internet = w.internet;
+        let g4 = w
+            .net
+            .sim
+            .segment("g4", Stack::V4Only, Some(internet))
+            .expect("segment");
+        let home = nat(&mut w, "nat", internet, Mapping::AddressAndPortDependent);
+        let (mn, cn) = (w.add_node(g4, INTERNET_LINK), w.add_node(home, NAT_LINK));
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        data_both_ways_retrying(&mut w, mn, cn);
+        // 3: both behind endpoint-independent NATs: relay, then probing.
+        let mut w = World::new(&setup(3));
+        let internet = w.internet;
+        let a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
+        let b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
+        let (mn, cn) = (w.add_node(a, NAT_LINK), w.add_node(b, NAT_LINK));
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        data_both_ways_retrying(&mut w, mn, cn);
+        w.run_for(Duration::from_secs(12));
+        data_both_ways_retrying(&mut w, mn, cn);
+        // 4: IPv6-only to IPv4-only behind a NAT, through the dual-stack RS.
+        let mut w = World::new(&setup(4));
+        let internet = w.internet;
+        let v6 = w
+            .net
+            .sim
+            .segment("lte", Stack::V6Only, Some(internet))
+            .expect("segment");
+        let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
+        let (mn, cn) = (w.add_node(v6, INTERNET_LINK), w.add_node(home, NAT_LINK));
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        data_both_ways_retrying(&mut w, mn, cn);
+        // 7: same NAT.
+        let mut w = World::new(&setup(7));
+        let internet = w.internet;
+        let home = nat(&mut w, "nat", internet, Mapping::AddressAndPortDependent);
+        let (mn, cn) = (w.add_node(home, NAT_LINK), w.add_node(home, NAT_LINK));
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        data_both_ways_retrying(&mut w, mn, cn);
+        // 8: two domains.
+        let mut w = World::two_domains(&setup(8));
+        let internet = w.internet;
+        let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
+        let mn = w.add_node(internet, INTERNET_LINK);
+        let cn = w.add_node_dc2(0, home, NAT_LINK);
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        data_both_ways_retrying(&mut w, mn, cn);
+        // 9: handover to a NAT and to IPv6-only, data resuming after each.
+        let mut w = World::new(&setup(9));
+        let internet = w.internet;
+        let g4 = w
+            .net
+            .sim
+            .segment("g4", Stack::V4Only, Some(internet))
+            .expect("segment");
+        let home = nat(&mut w, "home", internet, Mapping::EndpointIndependent);
+        let lte = w
+            .net
+            .sim
+            .segment("lte", Stack::V6Only, Some(internet))
+            .expect("segment");
+        let (mn, cn) = (
+            w.add_node(g4, INTERNET_LINK),
+            w.add_node(internet, INTERNET_LINK),
+        );
+        bring_up_retrying(&mut w, &[mn, cn]);
+        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
+        for segment in [home, lte] {
+            w.move_node(mn, segment, NAT_LINK);
+            w.run_for(Duration::from_secs(1));
+            data_both_ways_retrying(&mut w, mn, cn);
+        }
+    }
+}

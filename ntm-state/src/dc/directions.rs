@@ -576,6 +576,26 @@ impl DirectionCoordinator {
             };
             record.relay = Some(relay);
         }
+        // A new path between two of this DC's nodes supersedes older ones between them: their
+        // tunnels are replaced at the nodes (spec/05 §5.7), so their records would only linger.
+        if let (Party::Local(a), Party::Local(b)) = (&record.requester, &record.target) {
+            let (a, b) = (*a, *b);
+            let stale: Vec<u32> = self
+                .directions
+                .paths
+                .iter()
+                .filter(|(_, p)| match (&p.requester, &p.target) {
+                    (Party::Local(x), Party::Local(y)) => {
+                        (*x == a && *y == b) || (*x == b && *y == a)
+                    }
+                    _ => false,
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.forget_path(id);
+            }
+        }
         let expires = record.expires;
         self.directions.paths.insert(path_id, record);
         self.directions
@@ -1115,8 +1135,19 @@ impl DirectionCoordinator {
                         }
                     }
                     Purpose::Relay { path_id, relay } => {
-                        // spec/05 §5.13: no answer within 2 transmissions, next candidate.
-                        if transmissions > 2 {
+                        // spec/05 §5.13: no answer within 2 transmissions, next candidate
+                        // (the only candidate keeps its whole retransmission budget).
+                        let tried = match self.directions.paths.get(&path_id).map(|p| &p.state) {
+                            Some(PathState::AwaitingRelay { tried, .. }) => tried.clone(),
+                            _ => Vec::new(),
+                        };
+                        let other = self
+                            .directions
+                            .paths
+                            .get(&path_id)
+                            .and_then(|p| self.next_relay(&p.plan, &tried))
+                            .is_some();
+                        if transmissions > 2 && other {
                             self.untrack(key);
                             self.try_next_relay(now, path_id, rng);
                             return;

@@ -76,6 +76,9 @@ pub struct NodeTimers {
     pub probe_repeat: Duration,
     /// A replaced tunnel is kept this long for packets in flight: 10 s.
     pub replaced_tunnel: Duration,
+    /// The first retry after a login or registration timed out: 1 s, doubling to 60 s.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
     /// Two rebuilt tunnels to one peer established within this of each other are duplicates
     /// (both ends rebuilt at once); the lower Path ID stays: 3 s.
     pub duplicate_tunnel: Duration,
@@ -96,6 +99,8 @@ impl Default for NodeTimers {
             probe_repeat: Duration::from_secs(300),
             replaced_tunnel: Duration::from_secs(10),
             duplicate_tunnel: Duration::from_secs(3),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
         }
     }
 }
@@ -337,6 +342,11 @@ pub struct Node {
     /// Peer virtual address → FQDN, for rebuilding on the next packet (spec/05 §5.8).
     known_peers: BTreeMap<IpAddr, Fqdn>,
     lookups: BTreeMap<Fqdn, Lookup>,
+    /// When to log in or register again after a transient failure, and the current back-offs.
+    retry_login_at: Option<Time>,
+    retry_register_at: Option<Time>,
+    login_backoff: Duration,
+    register_backoff: Duration,
     /// Directions to ask for once the node is registered (a queued packet's peer, or a rebuild
     /// after a handover, which waits for the registration from the new address): the peer and
     /// the Path ID to rebuild (0 for none).
@@ -403,6 +413,10 @@ impl Node {
             known_peers: BTreeMap::new(),
             lookups: BTreeMap::new(),
             wanted: Vec::new(),
+            retry_login_at: None,
+            retry_register_at: None,
+            login_backoff: Duration::ZERO,
+            register_backoff: Duration::ZERO,
             queued: BTreeMap::new(),
             pending: BTreeMap::new(),
             tunnels: BTreeMap::new(),
@@ -457,6 +471,23 @@ impl Node {
 
     pub fn events_lost(&self) -> u64 {
         self.events_lost
+    }
+
+    /// The next back-off of the login (or registration): the initial retry interval, doubling
+    /// to the cap.
+    fn backoff(&mut self, login: bool) -> Duration {
+        let t = self.config.timers;
+        let b = if login {
+            &mut self.login_backoff
+        } else {
+            &mut self.register_backoff
+        };
+        *b = if b.is_zero() {
+            t.retry_initial
+        } else {
+            (*b * 2).min(t.retry_max)
+        };
+        *b
     }
 
     fn event(&mut self, e: NodeEvent) {
@@ -530,6 +561,8 @@ impl Node {
         while let Some(e) = self.login.poll_event() {
             match e {
                 LoginEvent::LoggedIn(session) => {
+                    self.login_backoff = Duration::ZERO;
+                    self.retry_login_at = None;
                     let rc = RegistrarConfig {
                         local_addrs: self.config.local_addrs.clone(),
                         public_key: self.static_public,
@@ -552,13 +585,26 @@ impl Node {
                     });
                     self.session = Some(session);
                 }
-                LoginEvent::LoginFailed(f) => self.event(NodeEvent::Error(NodeError::Login(f))),
+                LoginEvent::LoginFailed(f) => {
+                    // Retried with back-off when the AS may answer later; never after
+                    // AuthFailed (the password is wrong) or a refusal.
+                    let wait = match f {
+                        LoginFailure::Timeout => Some(self.backoff(true)),
+                        LoginFailure::RateLimited { retry_after }
+                        | LoginFailure::Unavailable { retry_after } => {
+                            Some(self.backoff(true).max(retry_after))
+                        }
+                        _ => None,
+                    };
+                    self.retry_login_at = wait.map(|w| now + w);
+                    self.event(NodeEvent::Error(NodeError::Login(f)))
+                }
             }
         }
-        self.after_registrar();
+        self.after_registrar(now);
     }
 
-    fn after_registrar(&mut self) {
+    fn after_registrar(&mut self, now: Time) {
         let Some(r) = self.registrar.as_mut() else {
             return;
         };
@@ -574,6 +620,8 @@ impl Node {
                     observed,
                     ..
                 } => {
+                    self.register_backoff = Duration::ZERO;
+                    self.retry_register_at = None;
                     self.vaddrs = Some((vip4, vip6));
                     self.event(NodeEvent::Registered {
                         vip4,
@@ -582,6 +630,22 @@ impl Node {
                     });
                 }
                 RegistrationEvent::Failed(f) => {
+                    // Transient failures are retried with back-off; an expired session means
+                    // logging in again.
+                    match f {
+                        RegistrationFailure::Timeout => {
+                            self.retry_register_at = Some(now + self.backoff(false));
+                        }
+                        RegistrationFailure::Unavailable { retry_after }
+                        | RegistrationFailure::RateLimited { retry_after } => {
+                            let wait = self.backoff(false).max(retry_after);
+                            self.retry_register_at = Some(now + wait);
+                        }
+                        RegistrationFailure::SessionExpired => {
+                            self.retry_login_at = Some(now);
+                        }
+                        _ => {}
+                    }
                     self.event(NodeEvent::Error(NodeError::Registration(f)))
                 }
             }
@@ -607,7 +671,7 @@ impl Node {
         let txid = header.envelope.txid;
         let msg = match r.handle_opened(now, txid, msg, rng) {
             Ok(result) => {
-                self.after_registrar();
+                self.after_registrar(now);
                 return result;
             }
             Err(msg) => *msg,
@@ -833,12 +897,23 @@ impl Node {
 
     /// Timers due at `now` fire.
     pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
+        if self.retry_login_at.is_some_and(|t| t <= now) {
+            self.retry_login_at = None;
+            self.registrar = None;
+            self.login.login(now, rng);
+        }
+        if self.retry_register_at.is_some_and(|t| t <= now) {
+            self.retry_register_at = None;
+            if let Some(r) = self.registrar.as_mut() {
+                r.register(now, rng);
+            }
+        }
         self.login.handle_timeout(now, rng);
         self.after_login(now, rng);
         if let Some(r) = self.registrar.as_mut() {
             r.handle_timeout(now, rng);
         }
-        self.after_registrar();
+        self.after_registrar(now);
         self.lookups_due(now, rng);
         self.tunnels_due(now, rng);
         self.held.retain(|(until, ..)| *until > now);
@@ -891,7 +966,7 @@ impl Node {
         if let Some(r) = self.registrar.as_mut() {
             r.handle_address_change(now, local_addrs, rng);
         }
-        self.after_registrar();
+        self.after_registrar(now);
         self.move_tunnels(now, rng);
     }
 
@@ -929,6 +1004,8 @@ impl Node {
             }
         };
         consider(self.login.poll_timeout());
+        consider(self.retry_login_at.map(|t| (t, "login retry")));
+        consider(self.retry_register_at.map(|t| (t, "registration retry")));
         consider(self.registrar.as_ref().and_then(Registrar::poll_timeout));
         consider(
             self.lookups

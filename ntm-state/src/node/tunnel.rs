@@ -411,7 +411,9 @@ impl Node {
             return;
         };
         let peer = p.rd.peer_fqdn.clone();
-        if p.rebuild_of.is_some() || p.relay.is_some() && p.rd.reason == RouteReason::DirectFailed {
+        // A direction this node itself asked to rebuild gets no second rebuild (spec/05 §5.7);
+        // the target of someone else's rebuild asks once for its own.
+        if p.rebuild_of.is_some() {
             self.queued.remove(&peer);
             self.event(NodeEvent::Error(NodeError::Unreachable { peer }));
             return;
@@ -1353,7 +1355,10 @@ impl Node {
             take(tun.last_data + t.idle, "tunnel idle expiry");
             match &tun.keepalive {
                 Some(k) => take(k.deadline, "tunnel keep-alive reply wait"),
-                None => take(tun.last_sent + t.keepalive, "tunnel keep-alive"),
+                None => take(
+                    tun.last_sent.min(tun.last_received) + t.keepalive,
+                    "tunnel keep-alive",
+                ),
             }
             if let Some(p) = &tun.probes {
                 take(p.next, "route optimization probe");
@@ -1651,8 +1656,10 @@ impl Node {
                 t.last_sent = Time::ZERO;
             }
         }
-        if t.keepalive.is_none() && t.last_sent + timers.keepalive <= now {
-            let quiet = t.last_received + timers.keepalive <= now;
+        // A keep-alive after 25 s of send silence keeps mappings open; one after 25 s of receive
+        // silence asks for a reply, so a node that only sends still notices a dead path.
+        let quiet = t.last_received + timers.keepalive <= now;
+        if t.keepalive.is_none() && (t.last_sent + timers.keepalive <= now || quiet) {
             let txid = rng.next_u32();
             let msg: Message = Keepalive {
                 reply_requested: quiet,

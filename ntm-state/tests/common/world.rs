@@ -548,7 +548,7 @@ impl World {
         let before = self.nodes[j].received.len();
         let r = self.send_v4(i, j, payload);
         assert!(
-            matches!(r, Ok(()) | Err(SendError::Queued)),
+            matches!(r, Ok(()) | Err(SendError::Queued | SendError::QueueFull)),
             "node{i} could not send: {r:?}\n{}",
             self.context()
         );
