@@ -888,6 +888,12 @@ fn check_directions(
         assert_eq!((d.route, d.reason), req.route, "{d:?}");
         assert_eq!(d.peer_fqdn, peer.fqdn);
         assert!(d.path_id != 0 && d.lifetime_s > 0, "{d:?}");
+        // Only nodes behind two NATs, not both symmetric, probe for a direct path.
+        assert_eq!(
+            d.probe_direct,
+            req.route.1 == RouteReason::BothBehindNat,
+            "{d:?}"
+        );
         match &req.relay {
             Some((path_id, key)) => {
                 assert_eq!(d.path_id, *path_id);
@@ -907,11 +913,30 @@ fn check_directions(
     check(&dr, t);
     assert_eq!(dt.path_id, dr.path_id);
     assert_eq!(dt.tunnel_credential, dr.tunnel_credential);
-    assert_ne!(dt.role, dr.role);
-    assert!(matches!(
-        dt.role,
-        TunnelRole::Initiator | TunnelRole::Responder
-    ));
+    // spec/06: on a direct route the NATed node initiates (the target when both or neither
+    // are); the requester initiates a new relayed tunnel.
+    let requester_initiates = match req.route {
+        (RouteKind::Relay, _) => true,
+        (_, RouteReason::SameNat) => false,
+        _ => r.kind != Kind::Public && t.kind == Kind::Public,
+    };
+    let initiator = |yes: bool| {
+        if yes {
+            TunnelRole::Initiator
+        } else {
+            TunnelRole::Responder
+        }
+    };
+    assert_eq!(
+        (dr.role, dt.role),
+        (
+            initiator(requester_initiates),
+            initiator(!requester_initiates)
+        ),
+        "{:?}",
+        req.route
+    );
+
     let ack: Message = Ack {
         acked_type: MessageType::RouteDirection.to_u8(),
         extensions: Extensions::none(),
