@@ -991,8 +991,16 @@ fn directions(p: &Params) -> DirectionFigures {
     for round in 0..=p.rounds {
         let mut requests: Vec<Request> = Vec::new();
         let mut inputs: Vec<Input> = Vec::new();
+        // Distinct pairs within a batch: a new path between two nodes supersedes the DC's
+        // record of an older one between them, whose ACKs would then be unexpected.
+        let mut taken = std::collections::BTreeSet::new();
         for _ in 0..p.batch {
-            let (r, t) = pick_pair(&mut pairs, p.direction_nodes);
+            let (r, t) = loop {
+                let (r, t) = pick_pair(&mut pairs, p.direction_nodes);
+                if taken.insert((r.min(t), r.max(t))) {
+                    break (r, t);
+                }
+            };
             let msg: Message = DirectionRequest {
                 peer_fqdn: nodes[t].fqdn.clone(),
                 rebuild_path_id: 0,

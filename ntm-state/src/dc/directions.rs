@@ -177,6 +177,8 @@ pub(super) struct Directions {
     /// Messages kept for retransmission, by (key ID, transaction ID): NTM_INFO_REQUESTs and
     /// relayed ROUTE_DIRECTIONs.
     pub(super) kept: BTreeMap<(u32, u32), Message>,
+    /// The path recorded between two of the DC's nodes (lower node index first).
+    by_pair: BTreeMap<(u32, u32), u32>,
     /// Rebuilt Path ID → the Path ID that replaced it and when, bounded by `max_paths`.
     rebuilt: BTreeMap<u32, (u32, Time)>,
     paths: BTreeMap<u32, PathRecord>,
@@ -205,6 +207,7 @@ impl Directions {
                 .collect(),
             kept: BTreeMap::new(),
             rebuilt: BTreeMap::new(),
+            by_pair: BTreeMap::new(),
             paths: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             answers: BTreeMap::new(),
@@ -225,6 +228,14 @@ impl Directions {
             Due::Answer(..) => "direction answer cache expiry",
         };
         Some((at, label))
+    }
+}
+
+/// The two node indices of a path between two of the DC's nodes, lower first.
+fn local_pair(p: &PathRecord) -> Option<(u32, u32)> {
+    match (&p.requester, &p.target) {
+        (Party::Local(a), Party::Local(b)) => Some(((*a).min(*b), (*a).max(*b))),
+        _ => None,
     }
 }
 
@@ -578,23 +589,12 @@ impl DirectionCoordinator {
         }
         // A new path between two of this DC's nodes supersedes older ones between them: their
         // tunnels are replaced at the nodes (spec/05 §5.7), so their records would only linger.
-        if let (Party::Local(a), Party::Local(b)) = (&record.requester, &record.target) {
-            let (a, b) = (*a, *b);
-            let stale: Vec<u32> = self
-                .directions
-                .paths
-                .iter()
-                .filter(|(_, p)| match (&p.requester, &p.target) {
-                    (Party::Local(x), Party::Local(y)) => {
-                        (*x == a && *y == b) || (*x == b && *y == a)
-                    }
-                    _ => false,
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in stale {
-                self.forget_path(id);
-            }
+        let pair = local_pair(&record);
+        if let Some(old) = pair.and_then(|k| self.directions.by_pair.get(&k).copied()) {
+            self.forget_path(old);
+        }
+        if let Some(k) = pair {
+            self.directions.by_pair.insert(k, path_id);
         }
         let expires = record.expires;
         self.directions.paths.insert(path_id, record);
@@ -956,6 +956,11 @@ impl DirectionCoordinator {
     /// Forgets a path and every request outstanding for it.
     fn forget_path(&mut self, path_id: u32) -> Option<PathRecord> {
         let p = self.directions.paths.remove(&path_id)?;
+        if let Some(k) = local_pair(&p) {
+            if self.directions.by_pair.get(&k) == Some(&path_id) {
+                self.directions.by_pair.remove(&k);
+            }
+        }
         self.directions
             .deadlines
             .remove(&(p.expires, Due::Path(path_id)));
