@@ -845,10 +845,10 @@ fn mix_slot(route: (RouteKind, RouteReason)) -> usize {
 
 /// Picks a requester and a target: one in ten a pair behind one NAT, else any two nodes.
 fn pick_pair(rng: &mut ChaCha8Rng, n: u32) -> (usize, usize) {
-    if rng.next_u32() % 10 == 0 {
+    if rng.next_u32().is_multiple_of(10) {
         let block = rng.next_u32() % (n / 8);
         let (a, b) = (block * 8 + 6, block * 8 + 7);
-        if rng.next_u32() % 2 == 0 {
+        if rng.next_u32().is_multiple_of(2) {
             (a as usize, b as usize)
         } else {
             (b as usize, a as usize)

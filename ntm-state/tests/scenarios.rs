@@ -789,7 +789,14 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    for seed in 0..seeds {
+    let first: u64 = std::env::var("NTM_LOSS_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in first..first + seeds {
+        if std::env::var("NTM_LOSS_VERBOSE").is_ok() {
+            eprintln!("loss seed {seed}");
+        }
         let lossy = Some(Link {
             loss: 0.2,
             ..Link::latency(Duration::from_millis(10))

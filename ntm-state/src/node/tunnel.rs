@@ -1342,7 +1342,7 @@ impl Node {
             }
         }
         for tun in self.tunnels.values() {
-            if tun.close_wanted {
+            if tun.close_wanted && tun.close.is_none() {
                 take(Time::ZERO, "closing the duplicate tunnel");
             }
             if let Some(r) = tun.retire_at {
@@ -1350,6 +1350,11 @@ impl Node {
                 if let Some(c) = &tun.close {
                     take(c.deadline(), "tunnel close retransmission");
                 }
+                continue;
+            }
+            if let Some(c) = &tun.close {
+                // Closing: only the close's retransmissions remain.
+                take(c.deadline(), "tunnel close retransmission");
                 continue;
             }
             take(tun.last_data + t.idle, "tunnel idle expiry");
@@ -1371,9 +1376,6 @@ impl Node {
                     u.tx.deadline().min(u.give_up_at),
                     "path update retransmission",
                 );
-            }
-            if let Some(c) = &tun.close {
-                take(c.deadline(), "tunnel close retransmission");
             }
             if let Some(b) = tun.relay.as_ref().and_then(|r| r.bind.as_ref()) {
                 take(b.deadline(), "relay bind retransmission");
@@ -1491,10 +1493,12 @@ impl Node {
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
-        if t.close_wanted && t.close.is_none() {
+        if t.close_wanted {
             t.close_wanted = false;
-            self.send_close(now, path_id, CloseReason::Normal, rng);
-            return;
+            if t.close.is_none() {
+                self.send_close(now, path_id, CloseReason::Normal, rng);
+                return;
+            }
         }
         if t.retire_at.is_some_and(|r| r <= now) {
             self.tunnels.remove(&path_id);

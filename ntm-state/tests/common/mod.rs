@@ -237,6 +237,11 @@ pub trait Drive: Sized {
     /// The machines' state, for failure messages.
     fn describe(&self) -> String;
 
+    /// The machines' deadlines and their labels, for failure messages.
+    fn timers(&self) -> String {
+        String::new()
+    }
+
     /// What every failure message starts with: the seed, the machines' state, the capture.
     fn context(&self) -> String {
         let sim = &self.net().sim;
@@ -288,12 +293,22 @@ pub trait Drive: Sized {
     /// Runs the network and the machines until `stop` holds (checked after every step) or
     /// `limit` passes.
     fn run(&mut self, limit: Time, stop: impl Fn(&Self) -> bool) {
+        let (mut last, mut spins) = (self.now(), 0u32);
         loop {
             let now = self.now();
             self.flush(now);
             if stop(self) || now >= limit {
                 return;
             }
+            // A machine whose deadline stays due after its timeout ran would spin forever.
+            spins = if now == last { spins + 1 } else { 0 };
+            last = now;
+            assert!(
+                spins < 100_000,
+                "the machines spin at {now} without time advancing: {}\n{}",
+                self.timers(),
+                self.context()
+            );
             let until = self.next_timer().map_or(limit, |t| t.max(now).min(limit));
             match self.net_mut().sim.step_until(until) {
                 Some(d) => self.deliver(d),

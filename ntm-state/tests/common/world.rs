@@ -698,6 +698,24 @@ impl Drive for World {
         }
     }
 
+    fn timers(&self) -> String {
+        let mut t = vec![
+            format!("as {:?}", self.server.poll_timeout()),
+            format!("dc {:?}", self.dc.poll_timeout()),
+        ];
+        t.extend(
+            self.relays
+                .iter()
+                .map(|r| format!("rs {:?}", r.rs.poll_timeout())),
+        );
+        t.extend(
+            self.nodes
+                .iter()
+                .map(|n| format!("node{} {:?}", n.index, n.node.poll_timeout())),
+        );
+        t.join(", ")
+    }
+
     fn next_timer(&self) -> Option<Time> {
         let mut t: Vec<Time> = Vec::new();
         t.extend(self.server.poll_timeout().map(|x| x.0));
