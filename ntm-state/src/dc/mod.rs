@@ -97,6 +97,8 @@ use crate::time::Time;
 
 mod directions;
 pub use directions::{AccessPolicy, PathStatus, RelayLink};
+mod servers;
+pub use servers::{ServerLink, FRESH_PATH, NS_REGISTRATION_WAIT};
 
 /// The gaps a session's replay window remembers (see the module documentation).
 pub const REPLAY_GAPS: usize = 4;
@@ -173,6 +175,9 @@ pub struct DcLimits {
     pub sequence_block: u64,
     /// Paths recorded at once (each holds its credentials until its lifetime ends).
     pub max_paths: usize,
+    /// Requests outstanding to the NS and CS, NOTIFICATIONs to nodes, REGISTRATION_RESPONSEs
+    /// held for the NS, and answers kept for the CS: at most this many of each.
+    pub max_server_requests: usize,
 }
 
 impl Default for DcLimits {
@@ -187,6 +192,7 @@ impl Default for DcLimits {
             max_queued_events: 1024,
             sequence_block: 1 << 16,
             max_paths: 65_536,
+            max_server_requests: 4096,
         }
     }
 }
@@ -223,6 +229,11 @@ pub struct DcConfig {
     /// The retransmission schedule of the DC's own requests (ROUTE_DIRECTION, RELAY_REQUEST).
     pub retransmit: RetransmitConfig,
     pub limits: DcLimits,
+    /// The cache server: gets KEY_DISTRIBUTION(NodeCs) of each new session (spec/05 §5.2).
+    pub cs: Option<ServerLink>,
+    /// The notification server: gets NOTIFICATION_REGISTRATION of each new session that wants
+    /// push, and carries datagrams to nodes whose UDP path is not fresh (spec/05 §5.4).
+    pub ns: Option<ServerLink>,
 }
 
 impl DcConfig {
@@ -250,6 +261,8 @@ impl DcConfig {
             relay_rate_limit_kbps: 0,
             retransmit: RetransmitConfig::default(),
             limits: DcLimits::default(),
+            cs: None,
+            ns: None,
         }
     }
 }
@@ -271,6 +284,8 @@ pub enum DcConfigError {
     TooManyAssignments,
     /// The lifetime or keep-alive interval does not fit its field.
     InvalidTimer,
+    /// An NS or CS key ID is 0, has the top bit set, or is another configured key's.
+    InvalidServerKeyId(u32),
 }
 
 impl fmt::Display for DcConfigError {
@@ -289,6 +304,10 @@ impl fmt::Display for DcConfigError {
             DcConfigError::InvalidAssignment(n) => write!(f, "the assignment of {n} is invalid"),
             DcConfigError::TooManyAssignments => f.write_str("more assignments than max_nodes"),
             DcConfigError::InvalidTimer => f.write_str("a timer does not fit its field"),
+            DcConfigError::InvalidServerKeyId(id) => write!(
+                f,
+                "server key ID {id:#x}: must be non-zero, top bit clear, and not another key's"
+            ),
         }
     }
 }
@@ -313,8 +332,15 @@ pub enum DcEvent {
     /// A registration lapsed, or the session it was made under expired.
     NodeExpired { fqdn: Fqdn },
     /// Persist `through` as the high-water mark of the DC's sequence numbers under the AS key
-    /// before sending any datagram polled after this event.
+    /// (or the NS's or CS's key, by `key_id`) before sending any datagram polled after this
+    /// event.
     SequenceReserved { key_id: u32, through: u64 },
+    /// The NS or CS at `server` refused a request (`refused`) or never answered it (`None`).
+    ServerRequestFailed {
+        server: SocketAddr,
+        msg_type: MessageType,
+        refused: Option<ErrorCode>,
+    },
 }
 
 /// A registered node as the DC sees it.
@@ -655,6 +681,7 @@ pub struct DirectionCoordinator {
     next_pair: u32,
     deadlines: BTreeSet<(Time, Due)>,
     directions: directions::Directions,
+    servers: servers::Servers,
     output: ServerOutput<DcEvent>,
     drops: DropCounters,
 }
@@ -706,6 +733,7 @@ impl DirectionCoordinator {
             return Err(DcConfigError::TooManyAssignments);
         }
         let l = config.limits;
+        let servers = servers::Servers::new(&config)?;
         let mut dc = DirectionCoordinator {
             as_key: SignalingKey::resume(
                 &config.as_key,
@@ -724,6 +752,7 @@ impl DirectionCoordinator {
             next_pair: 1,
             deadlines: BTreeSet::new(),
             directions: directions::Directions::new(&config.relays),
+            servers,
             output: ServerOutput::new(
                 l.max_queued_transmits,
                 l.max_queued_events,
@@ -957,6 +986,11 @@ impl DirectionCoordinator {
             {
                 self.on_relay_datagram(now, buf, key_id, rng)
             }
+            MessageType::Notification | MessageType::Ack | MessageType::Error
+                if self.servers.is_server_key(key_id) =>
+            {
+                self.on_server_datagram(now, local, remote, buf, &header, rng)
+            }
             MessageType::RegistrationRequest
             | MessageType::Keepalive
             | MessageType::DirectionRequest
@@ -1141,7 +1175,7 @@ impl DirectionCoordinator {
                     key_id,
                     txid,
                 };
-                self.on_registration(now, from, node_idx, r);
+                self.on_registration(now, from, node_idx, r, rng);
                 Ok(())
             }
             Message::DirectionRequest(d) => {
@@ -1156,6 +1190,10 @@ impl DirectionCoordinator {
                 Ok(())
             }
             msg @ (Message::Ack(_) | Message::Error(_)) => {
+                if self.servers.answers_notice(key_id, txid) {
+                    self.on_notice_answer(key_id, txid, &msg);
+                    return Ok(());
+                }
                 self.on_direction_answer(now, key_id, txid, msg, rng)
             }
             Message::Keepalive(k) => {
@@ -1173,7 +1211,14 @@ impl DirectionCoordinator {
         }
     }
 
-    fn on_registration(&mut self, now: Time, from: Sender, node_idx: u32, r: RegistrationRequest) {
+    fn on_registration<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Time,
+        from: Sender,
+        node_idx: u32,
+        r: RegistrationRequest,
+        rng: &mut R,
+    ) {
         let Sender {
             local,
             remote,
@@ -1200,6 +1245,7 @@ impl DirectionCoordinator {
         let lifetime = self.config.registration_lifetime;
         let keepalive = u16::try_from(self.config.keepalive_interval.as_secs()).unwrap_or(0);
         let lifetime_s = secs_u32(lifetime).unwrap_or(u32::MAX);
+        let mut kind = servers::RegistrationKind::Other;
         let (lifetime_s, keepalive_interval_s) = if retransmission {
             let behind_nat = self
                 .node(node_idx)
@@ -1253,6 +1299,9 @@ impl DirectionCoordinator {
             if newly {
                 self.registered += 1;
             }
+            kind = servers::RegistrationKind::New {
+                first_of_session: !current,
+            };
             self.output.event(DcEvent::NodeRegistered {
                 fqdn: r.node_fqdn,
                 vip4: vaddrs.v4,
@@ -1270,7 +1319,7 @@ impl DirectionCoordinator {
             extensions: Extensions::none(),
         }
         .into();
-        self.send_to_node(local, remote, key_id, &response, txid);
+        self.answer_registration(now, from, node_idx, kind, response, rng);
     }
 
     /// Makes `key_id` the node's session: a pending session moves into the node's slot, and the
@@ -1348,6 +1397,7 @@ impl DirectionCoordinator {
     /// Timers due at `now` fire: registrations lapse, session keys expire and are forgotten.
     pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
         self.directions_timeout(now, rng);
+        self.servers_timeout(now, rng);
         while let Some(&(at, due)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -1431,11 +1481,14 @@ impl DirectionCoordinator {
 
     /// The earliest deadline and what it is for.
     pub fn poll_timeout(&self) -> Option<(Time, &'static str)> {
-        let registry = self.registry_deadline();
-        match (registry, self.directions.next_deadline()) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+        [
+            self.registry_deadline(),
+            self.directions.next_deadline(),
+            self.servers.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(t, _)| *t)
     }
 
     fn registry_deadline(&self) -> Option<(Time, &'static str)> {
