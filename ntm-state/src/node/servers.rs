@@ -901,7 +901,7 @@ impl Node {
         ch.backoff = if ch.backoff.is_zero() {
             t.ns_backoff_min
         } else {
-            (ch.backoff * 2).min(t.ns_backoff_max)
+            ch.backoff.saturating_mul(2).min(t.ns_backoff_max)
         };
         ch.state = Channel::Waiting(now + ch.backoff);
         if let Some(r) = self.registrar.as_mut() {
