@@ -239,7 +239,10 @@ impl Leg {
         }
     }
 
-    fn keepalive_due(&self) -> Option<Time> {
+    fn keepalive_due(&self, push_channel_up: bool) -> Option<Time> {
+        if push_channel_up {
+            return None;
+        }
         let r = self.registered.as_ref()?;
         (r.keepalive > Duration::ZERO).then(|| self.last_sent + r.keepalive)
     }
@@ -263,6 +266,8 @@ pub struct Registrar {
     events_lost: u64,
     seal_failures: u64,
     drops: DropCounters,
+    /// The node's NS push channel is up: no UDP keep-alives (spec/05 §5.4).
+    push_channel_up: bool,
 }
 
 impl fmt::Debug for Registrar {
@@ -300,10 +305,23 @@ impl Registrar {
             events_lost: 0,
             seal_failures: 0,
             drops: DropCounters::default(),
+            push_channel_up: false,
             config,
         };
         r.rebuild_legs();
         Ok(r)
+    }
+
+    /// Whether the node's NS push channel is up. While it is, no leg sends UDP keep-alives (the
+    /// DC reaches the node through the NS, spec/05 §5.4); when it goes down they resume at once
+    /// on legs that have been silent for their interval.
+    pub fn set_push_channel(&mut self, up: bool) {
+        self.push_channel_up = up;
+    }
+
+    /// Whether [`Registrar::set_push_channel`] last said the channel is up.
+    pub fn push_channel_up(&self) -> bool {
+        self.push_channel_up
     }
 
     /// Registers every leg (again), with NAT probes. Abandons requests in flight.
@@ -759,7 +777,9 @@ impl Registrar {
                 .as_ref()
                 .and_then(|r| r.refresh_at)
                 .is_some_and(|at| at <= now);
-        let keepalive = leg.keepalive_due().is_some_and(|at| at <= now);
+        let keepalive = leg
+            .keepalive_due(self.push_channel_up)
+            .is_some_and(|at| at <= now);
         if let Some((dst, msg, txid)) = resend {
             self.send(now, f, dst, &msg, txid);
         }
@@ -794,7 +814,7 @@ impl Registrar {
                 .legs
                 .get(f)
                 .and_then(Option::as_ref)
-                .and_then(Leg::keepalive_due)
+                .and_then(|l| l.keepalive_due(self.push_channel_up))
                 .is_some_and(|at| at <= now);
         if keepalive {
             let dc = self.legs.get(f).and_then(Option::as_ref).map(|l| l.dc);
@@ -848,7 +868,7 @@ impl Registrar {
                     "registration refresh",
                 );
             }
-            consider(leg.keepalive_due(), "keep-alive");
+            consider(leg.keepalive_due(self.push_channel_up), "keep-alive");
         }
         best
     }

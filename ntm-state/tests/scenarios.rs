@@ -886,3 +886,207 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The DC's CS and NS (spec/05 §5.2 steps 8-12, §5.4, §5.5.4, §5.14).
+
+mod servers {
+    use core::time::Duration;
+
+    use super::common::world::{node_name, ServersWorld, WorldSetup, NAT_LINK};
+    use super::common::{Drive, HOME_LINK, INTERNET_LINK, ONE_WAY};
+    use ntm_state::node::{NodeEvent, TunnelPath};
+    use ntm_state::sim::{Filtering, Mapping, NatConfig, Stack};
+    use ntm_wire::MessageType;
+
+    /// Scenario 13 (spec/05 §5.14): the CS holds data for an offline CN, which fetches it after
+    /// coming online. CN registers once (so its DC knows its name and static key), is switched
+    /// off until its registration lapses; MN's resolve answers ROUTE_DIRECTION(Offline), MN
+    /// leaves a blob at the CS; CN logs in again, its DC hands the CS the new session's key, the
+    /// CS announces the blob through the DC, CN fetches it and acknowledges it.
+    #[test]
+    fn s13_the_cs_holds_data_for_an_offline_cn_which_fetches_it_after_coming_online() {
+        let mut s = ServersWorld::new(&WorldSetup::new(13), ONE_WAY);
+        let internet = s.w.internet;
+        let home = s.w.nat_on("nat-cn", internet, Mapping::EndpointIndependent);
+        let mn = s.add_node(internet, INTERNET_LINK, false);
+        let cn = s.add_node(home, NAT_LINK, false);
+        s.bring_up(mn, Duration::from_secs(10));
+        s.bring_up(cn, Duration::from_secs(10));
+        let cn_name = node_name(cn);
+        let cn_key = s.w.nodes[cn].node.public_key();
+        s.switch_off(cn, false);
+        s.run_for(Duration::from_secs(601));
+        assert!(
+            s.w.dc.registration(&cn_name).is_none(),
+            "CN's registration did not lapse\n{}",
+            s.context()
+        );
+        // MN learns that CN is offline, with CN's static key.
+        let now = s.now();
+        let n = &mut s.w.nodes[mn];
+        n.node.resolve(now, &cn_name, &mut n.rng);
+        s.run_for(Duration::from_secs(1));
+        let offline = s.w.nodes[mn].events.iter().find_map(|(_, e)| match e {
+            NodeEvent::PeerOffline { peer, public_key } if *peer == cn_name => Some(*public_key),
+            _ => None,
+        });
+        assert_eq!(offline, Some(cn_key), "{}", s.context());
+        let data: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();
+        let now = s.now();
+        let n = &mut s.w.nodes[mn];
+        n.node
+            .leave_for_offline_peer(now, &cn_name, &data, &mut n.rng)
+            .expect("store started");
+        s.run_for(Duration::from_secs(1));
+        assert!(
+            s.w.nodes[mn].events.iter().any(|(_, e)| *e
+                == NodeEvent::CacheStored {
+                    peer: cn_name.clone()
+                }),
+            "{}",
+            s.context()
+        );
+        assert_eq!(s.cs.held_for(&cn_name), [1]);
+        // CN comes back: a new login, a new session.
+        let back = s.now();
+        s.bring_up(cn, Duration::from_secs(10));
+        s.run_for(Duration::from_secs(5));
+        let got: Vec<_> = s.w.nodes[cn]
+            .events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                NodeEvent::CachedData { from, data } => Some((*t, from.clone(), data.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got.len(), 1, "delivered once\n{}", s.context());
+        assert_eq!(got[0].1, node_name(mn));
+        assert_eq!(got[0].2, data, "the exact bytes");
+        // Registered (8 trips), then KEY_DISTRIBUTION(NodeCs), NOTIFICATION CS -> DC -> CN,
+        // CACHE_FETCH, CACHE_DATA: within a second.
+        assert!(got[0].0 - back < Duration::from_secs(1), "{got:?}");
+        // CN acknowledged it: the CS holds nothing for it any more.
+        assert!(s.cs.held_for(&cn_name).is_empty(), "{}", s.context());
+        let fetches = s.sent_by("node1", MessageType::CacheFetch).len();
+        assert!(fetches >= 2, "fetched, then acknowledged: {fetches}");
+    }
+
+    /// Scenario 14 (spec/05 §5.5.4): CN behind a NAT keeps its NS push channel up and therefore
+    /// no UDP keep-alives; its NAT mapping towards the DC times out (30 s). MN's direction
+    /// request makes CN's DC send CN's ROUTE_DIRECTION through the NS, CN initiates, and the
+    /// tunnel comes up. The push channel is TCP and the simulator is UDP-only: `ServersWorld`
+    /// models it by moving bytes between the NS's and the node's stream calls with a fixed
+    /// delay of one trip.
+    #[test]
+    fn s14_a_cn_reachable_only_through_its_ns_is_woken_and_the_tunnel_comes_up() {
+        let mut s = ServersWorld::new(&WorldSetup::new(14), ONE_WAY);
+        let internet = s.w.internet;
+        let g4 =
+            s.w.net
+                .sim
+                .segment("g4", Stack::V4Only, Some(internet))
+                .expect("segment");
+        let (nat, home) =
+            s.w.net
+                .sim
+                .nat(
+                    "nat-cn",
+                    internet,
+                    NatConfig {
+                        timeout: Duration::from_secs(30),
+                        ..NatConfig::new(
+                            Mapping::AddressAndPortDependent,
+                            Filtering::AddressAndPortDependent,
+                        )
+                    },
+                )
+                .expect("nat");
+        s.w.net
+            .sim
+            .set_nat_link(nat, ntm_state::sim::Link::latency(HOME_LINK))
+            .expect("link");
+        let mn = s.add_node(g4, INTERNET_LINK, false);
+        let cn = s.add_node(home, NAT_LINK, true);
+        s.bring_up(mn, Duration::from_secs(10));
+        let start = s.now();
+        s.bring_up(cn, Duration::from_secs(10));
+        s.run_for(Duration::from_secs(1));
+        let at = |s: &ServersWorld, want: &dyn Fn(&NodeEvent) -> bool| {
+            s.w.nodes[cn]
+                .events
+                .iter()
+                .find_map(|(t, e)| want(e).then_some(*t))
+        };
+        let registered = at(&s, &|e| matches!(e, NodeEvent::Registered { .. }));
+        let push_up = at(&s, &|e| *e == NodeEvent::PushChannel { up: true });
+        // spec/05 §5.2: registered in 10 one-way trips with an NS (the DC waits for the NS's
+        // ACK), push channel up in 12.
+        assert_eq!(
+            registered.map(|t| t - start),
+            Some(ONE_WAY * 10),
+            "{}",
+            s.context()
+        );
+        assert_eq!(
+            push_up.map(|t| t - start),
+            Some(ONE_WAY * 12),
+            "{}",
+            s.context()
+        );
+        assert!(s.ns.channel_of(&node_name(cn)).is_some());
+        let up = push_up.expect("up");
+        // A minute of silence: no UDP keep-alive to the DC, so the NAT forgets the mapping.
+        s.run_for(Duration::from_secs(60));
+        let keepalives =
+            s.w.net
+                .sent
+                .iter()
+                .filter(|x| x.from == format!("node{cn}") && x.at > up)
+                .filter(|x| x.msg_type == MessageType::Keepalive.to_u8())
+                .count();
+        assert_eq!(keepalives, 0, "{}", s.context());
+        // MN asks for CN.
+        let start = s.now();
+        let now = s.now();
+        let peer = node_name(cn);
+        let n = &mut s.w.nodes[mn];
+        n.node.resolve(now, &peer, &mut n.rng);
+        let me = node_name(mn);
+        s.run(start + Duration::from_secs(5), |s| {
+            s.w.nodes[mn].node.tunnel(&peer).is_some() && s.w.nodes[cn].node.tunnel(&me).is_some()
+        });
+        let pushed =
+            s.w.net
+                .sent
+                .iter()
+                .filter(|x| x.at >= start && x.from == "dc" && x.to == s.ns_addr)
+                .filter(|x| x.msg_type == MessageType::Notification.to_u8())
+                .count();
+        assert_eq!(pushed, 1, "{}", s.context());
+        let (a, _) = s.w.nodes[mn].tunnel_up(&peer).expect("MN's tunnel");
+        let (b, _) = s.w.nodes[cn].tunnel_up(&me).expect("CN's tunnel");
+        // DIRECTION_REQUEST, NOTIFICATION to the NS, the push to CN, TUNNEL_REQUEST,
+        // TUNNEL_RESPONSE: 5 one-way trips (spec/05 §5.5.4 counts 6 with a second DC).
+        assert_eq!(a.max(b) - start, ONE_WAY * 5, "{}", s.context());
+        assert!(matches!(
+            s.w.nodes[mn].node.tunnel(&peer).map(|t| t.path),
+            Some(TunnelPath::Direct(_))
+        ));
+        // Data both ways on it.
+        for (i, j) in [(mn, cn), (cn, mn)] {
+            let before = s.w.nodes[j].received.len();
+            s.w.send_v4(i, j, b"woken").expect("send");
+            s.run_for(Duration::from_millis(200));
+            assert!(
+                s.w.nodes[j]
+                    .payloads()
+                    .iter()
+                    .skip(before)
+                    .any(|p| p == b"woken"),
+                "node{j} got nothing\n{}",
+                s.context()
+            );
+        }
+    }
+}

@@ -857,7 +857,7 @@ impl DirectionCoordinator {
             rng,
         );
         self.track(key_id, tx, Purpose::Direction { path_id, side }, local);
-        self.send_to_node(local, remote, key_id, &msg, txid);
+        self.send_to_node_or_ns(now, local, remote, key_id, &msg, txid, rng);
     }
 
     /// A retransmitted DIRECTION_REQUEST whose direction is out: send it again now.
@@ -1126,7 +1126,7 @@ impl DirectionCoordinator {
                 match purpose {
                     Purpose::Direction { path_id, side } => {
                         if let Some(msg) = self.direction_for(path_id, side) {
-                            self.send_to_node(local, remote, key.0, &msg, key.1);
+                            self.send_to_node_or_ns(now, local, remote, key.0, &msg, key.1, rng);
                         }
                     }
                     Purpose::Forwarded => {

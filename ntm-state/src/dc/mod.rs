@@ -99,6 +99,8 @@ mod directions;
 mod peers;
 pub use directions::{AccessPolicy, PathStatus, RelayLink};
 pub use peers::DirectoryEntry;
+mod servers;
+pub use servers::{ServerLink, FRESH_PATH, NS_REGISTRATION_WAIT};
 
 /// The gaps a session's replay window remembers (see the module documentation).
 pub const REPLAY_GAPS: usize = 4;
@@ -177,6 +179,9 @@ pub struct DcLimits {
     pub max_paths: usize,
     /// DC↔DC keys held at once.
     pub max_dc_keys: usize,
+    /// Requests outstanding to the NS and CS, NOTIFICATIONs to nodes, REGISTRATION_RESPONSEs
+    /// held for the NS, and answers kept for the CS: at most this many of each.
+    pub max_server_requests: usize,
 }
 
 impl Default for DcLimits {
@@ -192,6 +197,7 @@ impl Default for DcLimits {
             sequence_block: 1 << 16,
             max_paths: 65_536,
             max_dc_keys: 1024,
+            max_server_requests: 4096,
         }
     }
 }
@@ -241,6 +247,11 @@ pub struct DcConfig {
     /// The port the DC answers DNS queries for its zone on: 53.
     pub dns_port: u16,
     pub limits: DcLimits,
+    /// The cache server: gets KEY_DISTRIBUTION(NodeCs) of each new session (spec/05 §5.2).
+    pub cs: Option<ServerLink>,
+    /// The notification server: gets NOTIFICATION_REGISTRATION of each new session that wants
+    /// push, and carries datagrams to nodes whose UDP path is not fresh (spec/05 §5.4).
+    pub ns: Option<ServerLink>,
 }
 
 impl DcConfig {
@@ -274,6 +285,8 @@ impl DcConfig {
             dc_key_lifetime: Duration::from_secs(24 * 3600),
             dns_port: crate::dns::DNS_PORT,
             limits: DcLimits::default(),
+            cs: None,
+            ns: None,
         }
     }
 }
@@ -295,6 +308,8 @@ pub enum DcConfigError {
     TooManyAssignments,
     /// The lifetime or keep-alive interval does not fit its field.
     InvalidTimer,
+    /// An NS or CS key ID is 0, has the top bit set, or is another configured key's.
+    InvalidServerKeyId(u32),
 }
 
 impl fmt::Display for DcConfigError {
@@ -313,6 +328,10 @@ impl fmt::Display for DcConfigError {
             DcConfigError::InvalidAssignment(n) => write!(f, "the assignment of {n} is invalid"),
             DcConfigError::TooManyAssignments => f.write_str("more assignments than max_nodes"),
             DcConfigError::InvalidTimer => f.write_str("a timer does not fit its field"),
+            DcConfigError::InvalidServerKeyId(id) => write!(
+                f,
+                "server key ID {id:#x}: must be non-zero, top bit clear, and not another key's"
+            ),
         }
     }
 }
@@ -337,8 +356,15 @@ pub enum DcEvent {
     /// A registration lapsed, or the session it was made under expired.
     NodeExpired { fqdn: Fqdn },
     /// Persist `through` as the high-water mark of the DC's sequence numbers under the AS key
-    /// before sending any datagram polled after this event.
+    /// (or the NS's or CS's key, by `key_id`) before sending any datagram polled after this
+    /// event.
     SequenceReserved { key_id: u32, through: u64 },
+    /// The NS or CS at `server` refused a request (`refused`) or never answered it (`None`).
+    ServerRequestFailed {
+        server: SocketAddr,
+        msg_type: MessageType,
+        refused: Option<ErrorCode>,
+    },
 }
 
 /// A registered node as the DC sees it.
@@ -682,6 +708,7 @@ pub struct DirectionCoordinator {
     peers: peers::Peers,
     /// The authoritative DNS service of the zone.
     dns: Option<crate::dns::ZoneAuthority>,
+    servers: servers::Servers,
     output: ServerOutput<DcEvent>,
     drops: DropCounters,
 }
@@ -733,6 +760,7 @@ impl DirectionCoordinator {
             return Err(DcConfigError::TooManyAssignments);
         }
         let l = config.limits;
+        let servers = servers::Servers::new(&config)?;
         let mut dc = DirectionCoordinator {
             as_key: SignalingKey::resume(
                 &config.as_key,
@@ -753,6 +781,7 @@ impl DirectionCoordinator {
             directions: directions::Directions::new(&config.relays),
             peers: peers::Peers::new(&config.directory, &config.resolvers),
             dns: zone_authority(&config),
+            servers,
             output: ServerOutput::new(
                 l.max_queued_transmits,
                 l.max_queued_events,
@@ -1004,6 +1033,11 @@ impl DirectionCoordinator {
             {
                 self.on_relay_datagram(now, buf, key_id, rng)
             }
+            MessageType::Notification | MessageType::Ack | MessageType::Error
+                if self.servers.is_server_key(key_id) =>
+            {
+                self.on_server_datagram(now, local, remote, buf, &header, rng)
+            }
             MessageType::RegistrationRequest
             | MessageType::Keepalive
             | MessageType::DirectionRequest
@@ -1189,7 +1223,7 @@ impl DirectionCoordinator {
                     txid,
                     peer: None,
                 };
-                self.on_registration(now, from, node_idx, r);
+                self.on_registration(now, from, node_idx, r, rng);
                 Ok(())
             }
             Message::DirectionRequest(d) => {
@@ -1205,6 +1239,10 @@ impl DirectionCoordinator {
                 Ok(())
             }
             msg @ (Message::Ack(_) | Message::Error(_)) => {
+                if self.servers.answers_notice(key_id, txid) {
+                    self.on_notice_answer(key_id, txid, &msg);
+                    return Ok(());
+                }
                 self.on_direction_answer(now, key_id, txid, msg, rng)
             }
             Message::Keepalive(k) => {
@@ -1222,7 +1260,14 @@ impl DirectionCoordinator {
         }
     }
 
-    fn on_registration(&mut self, now: Time, from: Sender, node_idx: u32, r: RegistrationRequest) {
+    fn on_registration<R: RngCore + CryptoRng>(
+        &mut self,
+        now: Time,
+        from: Sender,
+        node_idx: u32,
+        r: RegistrationRequest,
+        rng: &mut R,
+    ) {
         let Sender {
             local,
             remote,
@@ -1250,6 +1295,7 @@ impl DirectionCoordinator {
         let lifetime = self.config.registration_lifetime;
         let keepalive = u16::try_from(self.config.keepalive_interval.as_secs()).unwrap_or(0);
         let lifetime_s = secs_u32(lifetime).unwrap_or(u32::MAX);
+        let mut kind = servers::RegistrationKind::Other;
         let (lifetime_s, keepalive_interval_s) = if retransmission {
             let behind_nat = self
                 .node(node_idx)
@@ -1303,6 +1349,9 @@ impl DirectionCoordinator {
             if newly {
                 self.registered += 1;
             }
+            kind = servers::RegistrationKind::New {
+                first_of_session: !current,
+            };
             self.output.event(DcEvent::NodeRegistered {
                 fqdn: r.node_fqdn,
                 vip4: vaddrs.v4,
@@ -1320,7 +1369,7 @@ impl DirectionCoordinator {
             extensions: Extensions::none(),
         }
         .into();
-        self.send_to_node(local, remote, key_id, &response, txid);
+        self.answer_registration(now, from, node_idx, kind, response, rng);
     }
 
     /// Makes `key_id` the node's session: a pending session moves into the node's slot, and the
@@ -1399,6 +1448,7 @@ impl DirectionCoordinator {
     pub fn handle_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
         self.directions_timeout(now, rng);
         self.peers_timeout(now, rng);
+        self.servers_timeout(now, rng);
         while let Some(&(at, due)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -1486,6 +1536,7 @@ impl DirectionCoordinator {
             self.registry_deadline(),
             self.directions.next_deadline(),
             self.peers.next_deadline(),
+            self.servers.next_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -52,6 +52,8 @@ use crate::time::Time;
 
 mod tunnel;
 use tunnel::{Pending, Tunnel};
+mod servers;
+pub use servers::{CacheStoreError, NsCommand, FETCH_BATCH};
 
 /// The node's timers (spec/07 §7.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +84,13 @@ pub struct NodeTimers {
     /// Two rebuilt tunnels to one peer established within this of each other are duplicates
     /// (both ends rebuilt at once); the lower Path ID stays: 3 s.
     pub duplicate_tunnel: Duration,
+    /// A KEEPALIVE goes on the NS push channel this often: 5 min.
+    pub ns_keepalive: Duration,
+    /// The NS's answer (to the connection, the subscription, a keep-alive) is missed after: 30 s.
+    pub ns_reply_wait: Duration,
+    /// The first reconnection to the NS waits 1 s, each next one twice as long, up to 60 s.
+    pub ns_backoff_min: Duration,
+    pub ns_backoff_max: Duration,
 }
 
 impl Default for NodeTimers {
@@ -101,6 +110,10 @@ impl Default for NodeTimers {
             duplicate_tunnel: Duration::from_secs(3),
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            ns_keepalive: Duration::from_secs(300),
+            ns_reply_wait: Duration::from_secs(30),
+            ns_backoff_min: Duration::from_secs(1),
+            ns_backoff_max: Duration::from_secs(60),
         }
     }
 }
@@ -118,6 +131,10 @@ pub struct NodeLimits {
     pub max_queued_packets: usize,
     /// Virtual address → FQDN pairs remembered for rebuilding a tunnel on the next packet.
     pub max_known_peers: usize,
+    /// Static public keys of offline peers remembered for leaving them data.
+    pub max_offline_peers: usize,
+    /// CACHE_STOREs waiting for the CS's answer.
+    pub max_cache_stores: usize,
     pub max_queued_transmits: usize,
     pub max_queued_events: usize,
 }
@@ -130,6 +147,8 @@ impl Default for NodeLimits {
             max_held_requests: 4,
             max_queued_packets: 8,
             max_known_peers: 4096,
+            max_offline_peers: 64,
+            max_cache_stores: 16,
             max_queued_transmits: 1024,
             max_queued_events: 1024,
         }
@@ -238,6 +257,20 @@ pub enum NodeError {
     Unreachable {
         peer: Fqdn,
     },
+    /// The CS refused data left for `peer` (`code`), or never answered (`None`).
+    CacheStore {
+        peer: Fqdn,
+        code: Option<ErrorCode>,
+    },
+    /// The CS refused a fetch (`code`), or never answered (`None`); the next announcement of
+    /// cached data fetches again.
+    CacheFetch {
+        code: Option<ErrorCode>,
+    },
+    /// A cached blob from `from` did not open with the node's static secret.
+    CachedDataUnreadable {
+        from: Fqdn,
+    },
 }
 
 /// What the node tells its application.
@@ -276,6 +309,20 @@ pub enum NodeEvent {
     PeerOffline {
         peer: Fqdn,
         public_key: [u8; 32],
+    },
+    /// The CS took the data left for `peer` with [`Node::leave_for_offline_peer`].
+    CacheStored {
+        peer: Fqdn,
+    },
+    /// Data another node left at the CS while this one was offline. `from` is the sender as
+    /// the CS asserts it; the sealed box itself does not authenticate its sender.
+    CachedData {
+        from: Fqdn,
+        data: Vec<u8>,
+    },
+    /// The NS push channel came up (UDP keep-alives to the DC stop) or went down (they resume).
+    PushChannel {
+        up: bool,
     },
     Error(NodeError),
 }
@@ -360,6 +407,7 @@ pub struct Node {
     /// TUNNEL_REQUESTs that outran their direction: (held until, local, remote, datagram).
     held: VecDeque<(Time, SocketAddr, SocketAddr, Vec<u8>)>,
     rtt: RttTable,
+    servers: servers::ServerState,
     outbox: Outbox,
     events: VecDeque<NodeEvent>,
     events_lost: u64,
@@ -423,6 +471,7 @@ impl Node {
             by_vaddr: BTreeMap::new(),
             held: VecDeque::new(),
             rtt: RttTable::new(64),
+            servers: servers::ServerState::new(),
             outbox: Outbox::new(l.max_queued_transmits),
             events: VecDeque::new(),
             events_lost: 0,
@@ -512,8 +561,11 @@ impl Node {
         let out = if buf.first() == Some(&ntm_wire::DATA_TYPE) {
             self.on_data(now, remote, buf)
         } else {
-            self.on_signaling(now, local, remote, buf, rng)
-                .map(|()| Received::Consumed)
+            let r = self
+                .on_signaling(now, local, remote, buf, rng)
+                .map(|()| Received::Consumed);
+            self.servers_after_input(now, rng);
+            r
         };
         match out {
             Ok(r) => r,
@@ -536,6 +588,9 @@ impl Node {
             .map_err(DropReason::Header)?
             .header();
         let key_id = header.envelope.key_id;
+        if self.is_cs_datagram(&header) {
+            return self.on_cs_datagram(now, buf, rng);
+        }
         if let Some(r) = self.registrar.as_mut() {
             if key_id == r.session_key_id() {
                 return self.on_dc_datagram(now, local, remote, buf, rng);
@@ -566,7 +621,8 @@ impl Node {
                     let rc = RegistrarConfig {
                         local_addrs: self.config.local_addrs.clone(),
                         public_key: self.static_public,
-                        wants_notification: self.config.wants_notification,
+                        wants_notification: self.config.wants_notification
+                            && !session.ns_addrs.is_empty(),
                         retransmit: self.config.retransmit,
                     };
                     match Registrar::new(rc, &session) {
@@ -584,6 +640,7 @@ impl Node {
                         fqdn: session.node_fqdn.clone(),
                     });
                     self.session = Some(session);
+                    self.servers_logged_in(now);
                 }
                 LoginEvent::LoginFailed(f) => {
                     // Retried with back-off when the AS may answer later; never after
@@ -679,6 +736,10 @@ impl Node {
         match msg {
             Message::RouteDirection(rd) => {
                 self.on_route_direction(now, local, remote, &header, rd, rng);
+                Ok(())
+            }
+            Message::Notification(n) => {
+                self.on_dc_notification(now, local, remote, &header, n, rng);
                 Ok(())
             }
             Message::Error(e) => self.on_direction_error(txid, e.code),
@@ -854,6 +915,7 @@ impl Node {
         let lookup = self.lookups.remove(&peer);
         if rd.route == RouteKind::Offline {
             self.queued.remove(&peer);
+            self.remember_offline_key(&peer, rd.peer_public_key);
             self.event(NodeEvent::PeerOffline {
                 peer,
                 public_key: rd.peer_public_key,
@@ -916,6 +978,7 @@ impl Node {
         self.after_registrar(now);
         self.lookups_due(now, rng);
         self.tunnels_due(now, rng);
+        self.servers_timeout(now, rng);
         self.held.retain(|(until, ..)| *until > now);
     }
 
@@ -1020,6 +1083,7 @@ impl Node {
                 .map(|(t, ..)| (*t, "held tunnel request expiry")),
         );
         consider(self.tunnel_deadline());
+        consider(self.servers_deadline());
         best
     }
 }

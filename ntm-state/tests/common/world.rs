@@ -753,3 +753,349 @@ impl Drive for World {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same deployment with the DC's cache server and notification server.
+
+use ntm_state::cs::{CacheServer, CsConfig, CsEvent};
+use ntm_state::dc::ServerLink;
+use ntm_state::node::NsCommand;
+use ntm_state::ns::{ConnId, NotificationServer, NsConfig, NsEvent};
+use ntm_wire::{AddrList, TransportAddr};
+
+pub const CS_PORT: u16 = 4283;
+pub const NS_PORT: u16 = 4284;
+/// The DC↔CS and DC↔NS key IDs.
+pub const CS_KEY_ID: u32 = 50;
+pub const NS_KEY_ID: u32 = 51;
+
+pub fn cs_key() -> SecretKey {
+    SecretKey::from_bytes([0xc5; 32])
+}
+
+pub fn ns_key() -> SecretKey {
+    SecretKey::from_bytes([0x45; 32])
+}
+
+/// Something on the modelled TCP push channel, due at a time.
+enum StreamEvent {
+    /// The node's connection is established (the NS accepts it at this moment).
+    Connected { node: usize, conn: ConnId },
+    /// Bytes the node wrote reach the NS.
+    ToNs { conn: ConnId, bytes: Vec<u8> },
+    /// Bytes the NS wrote reach the node.
+    ToNode {
+        node: usize,
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    /// The NS closed the connection: the node learns it.
+    ClosedByNs { node: usize, conn: ConnId },
+    /// The node closed the connection: the NS learns it.
+    ClosedByNode { conn: ConnId },
+}
+
+/// A [`World`] whose DC has a CS and an NS (each its own host on the internet, one trip from
+/// everything like the DC), whose AS hands out their addresses at login, and which drives them.
+///
+/// The simulator carries only UDP. The NS push channel is TCP, so it is modelled here and not
+/// in the simulator: the bytes a node's `poll_ns_stream` gives reach the NS's `handle_stream`
+/// after `stream_delay`, and the NS's `poll_stream_transmit` bytes reach the node's
+/// `handle_ns_stream` after the same delay; a connect completes after it too, and a close
+/// reaches the other side after it. The channel is not subject to the NATs of the simulated
+/// network (a TCP connection's NAT state lives as long as the connection).
+pub struct ServersWorld {
+    pub w: World,
+    pub cs_host: HostId,
+    pub cs_addr: SocketAddr,
+    pub cs: CacheServer,
+    pub cs_rng: ChaCha8Rng,
+    pub cs_events: Vec<(Time, CsEvent)>,
+    pub ns_host: HostId,
+    pub ns_addr: SocketAddr,
+    pub ns: NotificationServer,
+    pub ns_rng: ChaCha8Rng,
+    pub ns_events: Vec<(Time, NsEvent)>,
+    pub stream_delay: Duration,
+    /// Each node's connection to the NS, while it has one.
+    conns: BTreeMap<usize, ConnId>,
+    next_conn: u64,
+    /// Channel events in flight, in the order they happened (arrival times never decrease,
+    /// since every one takes `stream_delay`).
+    stream: std::collections::VecDeque<(Time, StreamEvent)>,
+}
+
+impl ServersWorld {
+    pub fn new(setup: &WorldSetup, stream_delay: Duration) -> ServersWorld {
+        let mut w = World::new(setup);
+        let internet = w.internet;
+        let cs_host = w.net.host("cs", internet, INTERNET_LINK);
+        let ns_host = w.net.host("ns", internet, INTERNET_LINK);
+        let cs_addr = w.net.v4(cs_host, CS_PORT);
+        let ns_addr = w.net.v4(ns_host, NS_PORT);
+        let accounts = (0..setup.accounts).map(|i| (account(i), node_name(i)));
+        let mut as_config = super::as_config(&w.dc_addrs, accounts, ITERATIONS);
+        for record in as_config.accounts.values_mut() {
+            record.cs_addrs = AddrList::new(vec![TransportAddr::new(cs_addr)]).expect("cs");
+            record.ns_addrs = AddrList::new(vec![TransportAddr::new(ns_addr)]).expect("ns");
+        }
+        w.server = AccountServer::new(as_config).expect("AS config");
+        let mut dc_config = w.dc.config().clone();
+        dc_config.cs = Some(ServerLink::new(cs_addr, cs_key(), CS_KEY_ID));
+        dc_config.ns = Some(ServerLink::new(ns_addr, ns_key(), NS_KEY_ID));
+        w.dc = DirectionCoordinator::new(dc_config).expect("DC config");
+        let cs = CacheServer::new(CsConfig::new(
+            fqdn("cs.dc1.example"),
+            fqdn("dc1.example"),
+            w.dc_addrs[0],
+            cs_key(),
+            CS_KEY_ID,
+        ))
+        .expect("CS config");
+        let ns =
+            NotificationServer::new(NsConfig::new(fqdn("ns.dc1.example"), ns_key(), NS_KEY_ID))
+                .expect("NS config");
+        ServersWorld {
+            w,
+            cs_host,
+            cs_addr,
+            cs,
+            cs_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x6373),
+            cs_events: Vec::new(),
+            ns_host,
+            ns_addr,
+            ns,
+            ns_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x6e73),
+            ns_events: Vec::new(),
+            stream_delay,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            stream: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// A new, not yet started node `i` on the host of `w.nodes[i]`, which keeps a push channel
+    /// when `push`; the same account and static key as before.
+    fn fresh_node(&self, i: usize, push: bool) -> Node {
+        let host = self.w.nodes[i].host;
+        let local = self.w.local_addrs_of(host);
+        let as_addr = if local.iter().any(SocketAddr::is_ipv4) {
+            self.w.as_addr
+        } else {
+            SocketAddr::new(self.w.net.sim.v6(self.w.as_host).expect("AS v6"), AS_PORT)
+        };
+        let login = LoginConfig {
+            min_iterations: ITERATIONS,
+            ..LoginConfig::new(account(i), self.w.server.public_key(), as_addr)
+        };
+        let mut config = NodeConfig::new(login, local, SecretKey::from_bytes([0x40 + i as u8; 32]));
+        config.wants_notification = push;
+        Node::new(config, PASSWORD).expect("node config")
+    }
+
+    /// Node `i` on `segment`, keeping a push channel to the NS when `push`.
+    pub fn add_node(&mut self, segment: SegmentId, link: Duration, push: bool) -> usize {
+        let i = self.w.add_node(segment, link);
+        if push {
+            self.w.nodes[i].node = self.fresh_node(i, true);
+        }
+        i
+    }
+
+    /// Node `i`'s device is switched off: its machine is gone (the DC learns nothing; its
+    /// registration lapses), and a new one, not yet started, waits on the same host.
+    pub fn switch_off(&mut self, i: usize, push: bool) {
+        if let Some(conn) = self.conns.remove(&i) {
+            self.ns.close_connection(conn);
+        }
+        self.w.nodes[i].node = self.fresh_node(i, push);
+    }
+
+    /// Starts node `i` and runs until it is registered.
+    pub fn bring_up(&mut self, i: usize, limit: Duration) {
+        let now = self.now();
+        let n = &mut self.w.nodes[i];
+        n.node.start(now, &mut n.rng);
+        let limit = self.now() + limit;
+        self.run(limit, |s| s.w.nodes[i].node.phase() == Phase::Ready);
+        assert_eq!(
+            self.w.nodes[i].node.phase(),
+            Phase::Ready,
+            "node{i} did not register\n{}",
+            self.context()
+        );
+    }
+
+    fn schedule(&mut self, now: Time, e: StreamEvent) {
+        self.stream.push_back((now + self.stream_delay, e));
+    }
+
+    fn node_of(&self, conn: ConnId) -> Option<usize> {
+        self.conns
+            .iter()
+            .find(|(_, c)| **c == conn)
+            .map(|(i, _)| *i)
+    }
+
+    /// Moves what the nodes and the NS wrote onto the modelled channel.
+    fn flush_streams(&mut self, now: Time) {
+        for i in 0..self.w.nodes.len() {
+            while let Some(cmd) = self.w.nodes[i].node.poll_ns_command() {
+                match cmd {
+                    NsCommand::Connect(addr) if addr == self.ns_addr => {
+                        let conn = ConnId(self.next_conn);
+                        self.next_conn += 1;
+                        self.conns.insert(i, conn);
+                        self.schedule(now, StreamEvent::Connected { node: i, conn });
+                    }
+                    NsCommand::Connect(_) => self.w.nodes[i].node.ns_closed(now),
+                    NsCommand::Close => {
+                        if let Some(conn) = self.conns.remove(&i) {
+                            self.schedule(now, StreamEvent::ClosedByNode { conn });
+                        }
+                    }
+                }
+            }
+            let mut buf = [0u8; 2048];
+            loop {
+                let n = self.w.nodes[i].node.poll_ns_stream(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                if let Some(&conn) = self.conns.get(&i) {
+                    let bytes = buf[..n].to_vec();
+                    self.schedule(now, StreamEvent::ToNs { conn, bytes });
+                }
+            }
+        }
+        let mut closing = Vec::new();
+        while let Some(e) = self.ns.poll_event() {
+            if let NsEvent::CloseConnection(conn) = e {
+                closing.push(conn);
+            }
+            self.ns_events.push((now, e));
+        }
+        let mut buf = [0u8; 2048];
+        while let Some((conn, n)) = self.ns.poll_stream_transmit(&mut buf) {
+            if let Some(node) = self.node_of(conn) {
+                let bytes = buf[..n].to_vec();
+                self.schedule(now, StreamEvent::ToNode { node, conn, bytes });
+            }
+        }
+        for conn in closing {
+            self.ns.close_connection(conn);
+            if let Some(node) = self.node_of(conn) {
+                self.schedule(now, StreamEvent::ClosedByNs { node, conn });
+            }
+        }
+    }
+
+    fn stream_due(&mut self, now: Time) {
+        while self.stream.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, e)) = self.stream.pop_front() else {
+                break;
+            };
+            match e {
+                StreamEvent::Connected { node, conn } => {
+                    if self.conns.get(&node) != Some(&conn) {
+                        continue;
+                    }
+                    let remote = self.w.local_addrs(node)[0];
+                    let n = &mut self.w.nodes[node];
+                    if self.ns.open_connection(now, conn, remote) {
+                        n.node.ns_connected(now, &mut n.rng);
+                    } else {
+                        self.conns.remove(&node);
+                        n.node.ns_closed(now);
+                    }
+                }
+                StreamEvent::ToNs { conn, bytes } => self.ns.handle_stream(now, conn, &bytes),
+                StreamEvent::ToNode { node, conn, bytes } => {
+                    if self.conns.get(&node) == Some(&conn) {
+                        let n = &mut self.w.nodes[node];
+                        n.node.handle_ns_stream(now, &bytes, &mut n.rng);
+                    }
+                }
+                StreamEvent::ClosedByNs { node, conn } => {
+                    if self.conns.get(&node) == Some(&conn) {
+                        self.conns.remove(&node);
+                        self.w.nodes[node].node.ns_closed(now);
+                    }
+                }
+                StreamEvent::ClosedByNode { conn } => self.ns.close_connection(conn),
+            }
+        }
+    }
+}
+
+impl Drive for ServersWorld {
+    fn net(&self) -> &Net {
+        &self.w.net
+    }
+
+    fn net_mut(&mut self) -> &mut Net {
+        &mut self.w.net
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}\nCS {:?} held {:?}\nNS {:?} channels {:?}\nCS events {:?}\nNS events {:?}",
+            self.w.describe(),
+            self.cs,
+            self.cs.held(),
+            self.ns,
+            self.conns,
+            self.cs_events,
+            self.ns_events,
+        )
+    }
+
+    fn flush(&mut self, now: Time) {
+        // The channel first: what a node wrote is taken before `w.flush` polls its events.
+        self.flush_streams(now);
+        self.w.flush(now);
+        while let Some(e) = self.cs.poll_event() {
+            self.cs_events.push((now, e));
+        }
+        let out = drain(|b| self.cs.poll_transmit(now, b));
+        let (host, addr) = (self.cs_host, self.cs_addr);
+        self.send_all(now, "cs", host, addr, out);
+        self.flush_streams(now);
+        let out = drain(|b| self.ns.poll_transmit(now, b));
+        let (host, addr) = (self.ns_host, self.ns_addr);
+        self.send_all(now, "ns", host, addr, out);
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let mut payload = d.payload;
+        let now = d.at;
+        if d.host == self.cs_host {
+            self.cs
+                .handle_datagram(now, d.local, d.remote, &mut payload, &mut self.cs_rng);
+        } else if d.host == self.ns_host {
+            self.ns
+                .handle_datagram(now, d.local, d.remote, &mut payload, &mut self.ns_rng);
+        } else {
+            self.w.deliver(Delivery { payload, ..d });
+        }
+    }
+
+    fn next_timer(&self) -> Option<Time> {
+        [
+            self.w.next_timer(),
+            self.cs.poll_timeout().map(|x| x.0),
+            self.ns.poll_timeout().map(|x| x.0),
+            self.stream.front().map(|(at, _)| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn handle_timeout(&mut self, now: Time) {
+        self.stream_due(now);
+        self.w.handle_timeout(now);
+        self.cs.handle_timeout(now, &mut self.cs_rng);
+        self.ns.handle_timeout(now, &mut self.ns_rng);
+    }
+}
