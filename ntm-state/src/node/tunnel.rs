@@ -1543,23 +1543,11 @@ impl Node {
             if u.give_up_at <= now {
                 t.update = None;
                 if matches!(t.path, TunnelPath::Direct(_)) {
-                    let fallback = t
-                        .relay
-                        .as_ref()
-                        .map(|r| r.rs)
-                        .filter(|rs| own.iter().any(|l| l.is_ipv6() == rs.is_ipv6()));
+                    // The peer never heard of the move: only the DC can direct both ends to a
+                    // new path (spec/05 §5.9.1); rebinding at the RS alone would leave the peer
+                    // sending to the old address.
                     let peer = t.peer.clone();
-                    match fallback {
-                        Some(rs) => {
-                            let local = own
-                                .iter()
-                                .copied()
-                                .find(|l| l.is_ipv6() == rs.is_ipv6())
-                                .unwrap_or(rs);
-                            self.demote(now, path_id, local, rs, rng);
-                        }
-                        None => self.request_direction(now, peer, path_id, rng),
-                    }
+                    self.request_direction(now, peer, path_id, rng);
                     return;
                 }
             } else if u.tx.on_timeout(now, &cfg, rng) == Expiry::Retransmit {

@@ -1099,3 +1099,41 @@ impl Drive for ServersWorld {
         self.ns.handle_timeout(now, &mut self.ns_rng);
     }
 }
+impl World {
+    /// Restarts node `i`: a fresh `Node` for the same account and static key on the same host
+    /// (whatever the old one held is gone), started at once. What the test recorded about the
+    /// node (events, packets received) is kept.
+    pub fn restart_node(&mut self, i: usize) {
+        let local = self.local_addrs(i);
+        let as_addr = if local.iter().any(SocketAddr::is_ipv4) {
+            self.as_addr
+        } else {
+            SocketAddr::new(self.net.sim.v6(self.as_host).expect("AS v6"), AS_PORT)
+        };
+        let login = LoginConfig {
+            min_iterations: ITERATIONS,
+            ..LoginConfig::new(account(i), self.server.public_key(), as_addr)
+        };
+        let secret = SecretKey::from_bytes([0x40 + i as u8; 32]);
+        let node = Node::new(NodeConfig::new(login, local, secret), PASSWORD).expect("node config");
+        let now = self.now();
+        let n = &mut self.nodes[i];
+        n.node = node;
+        n.node.start(now, &mut n.rng);
+    }
+
+    /// Gives every host interface and every NAT in `nats` this link from now on.
+    pub fn set_every_link(&mut self, nats: &[ntm_state::sim::NatId], link: Link) {
+        let mut hosts = vec![self.as_host, self.dc_host];
+        hosts.extend(self.relays.iter().map(|r| r.host));
+        hosts.extend(self.nodes.iter().map(|n| n.host));
+        for host in hosts {
+            for ip in self.net.sim.addrs(host) {
+                self.net.sim.set_link(host, ip, link).expect("link");
+            }
+        }
+        for nat in nats {
+            self.net.sim.set_nat_link(*nat, link).expect("NAT link");
+        }
+    }
+}
