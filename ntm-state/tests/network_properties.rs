@@ -726,7 +726,7 @@ impl Run {
                 )));
             }
             checks += 1;
-            if checks % 64 == 0 {
+            if checks.is_multiple_of(64) {
                 self.check_bounds()?;
             }
             if stop(self) || now >= limit {
@@ -750,7 +750,7 @@ impl Run {
     }
 
     /// What `World::flush` does for the nodes, except that a datagram from an address the node
-    /// no longer has is a failure (or, tolerated, dropped as the operating system would).
+    /// no longer has is a failure.
     fn flush_nodes(&mut self, now: Time) -> Result<(), String> {
         for i in 0..self.n() {
             let local = self.w.local_addrs(i);
@@ -1096,12 +1096,12 @@ impl Run {
         while self.w.now() < end {
             let k = self.rng.next_u32() as usize % self.wanted.len().max(1);
             if let Some(&(a, b)) = self.wanted.get(k) {
-                let (i, j) = if self.rng.next_u32() % 2 == 0 {
+                let (i, j) = if self.rng.next_u32().is_multiple_of(2) {
                     (a, b)
                 } else {
                     (b, a)
                 };
-                let v6 = self.rng.next_u32() % 2 == 0;
+                let v6 = self.rng.next_u32().is_multiple_of(2);
                 self.send(i, j, v6)?;
             }
             self.drive_for(Duration::from_millis(100))?;
@@ -1162,7 +1162,7 @@ impl Run {
         for &(i, j) in pairs {
             for (a, b) in [(i, j), (j, i)] {
                 let id = self.next_payload;
-                if !self.send(a, b, id % 2 == 0)? {
+                if !self.send(a, b, id.is_multiple_of(2))? {
                     return Err(self.report(&format!("{when}: node{a} cannot send to node{b}")));
                 }
                 expected.push((b, id));
