@@ -167,7 +167,7 @@ impl DcKeyRing {
         txid: u32,
     ) -> (Result<Vec<u8>, SealError>, Option<u64>) {
         let Some(key) = self.key_mut(key_id) else {
-            return (Err(SealError::Exhausted), None);
+            return (Err(SealError::NoKey), None);
         };
         let datagram = key.seal_to_vec(msg, txid, None);
         (datagram, key.take_reserved_through())
@@ -1064,7 +1064,7 @@ impl CacheServer {
     ) {
         let datagram = match self.sessions.get_mut(&key_id) {
             Some(s) => s.key.seal_to_vec(msg, txid, None),
-            None => Err(SealError::Exhausted),
+            None => Err(SealError::NoKey),
         };
         self.output.queue(Some(local), remote, datagram);
     }

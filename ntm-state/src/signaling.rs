@@ -158,6 +158,8 @@ impl DropCounters {
 pub enum SealError {
     /// The key's sequence numbers reached the hard limit (2^64 − 2^13): replace the key.
     Exhausted,
+    /// The key is gone (expired or forgotten) by the time the answer was sealed.
+    NoKey,
     /// The message does not fit its envelope or the buffer.
     Api(ApiMisuse),
 }
@@ -172,6 +174,7 @@ impl fmt::Display for SealError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SealError::Exhausted => f.write_str("sequence numbers exhausted"),
+            SealError::NoKey => f.write_str("no such key"),
             SealError::Api(e) => write!(f, "{e}"),
         }
     }
@@ -361,6 +364,28 @@ impl SignalingKey {
     }
 }
 
+/// Logs a datagram that could not be sealed: a key that went away meanwhile is a warning; an
+/// exhausted key or a message that does not fit its envelope is a bug (ERROR).
+pub fn log_seal_failure(e: &SealError) {
+    match e {
+        SealError::NoKey => tracing::warn!("no key to seal an answer: dropped"),
+        SealError::Exhausted | SealError::Api(_) => {
+            tracing::error!(error = %e, "cannot seal a datagram")
+        }
+    }
+}
+
+/// The sealed datagram, or nothing (logged) when sealing failed.
+pub fn sealed(r: Result<Vec<u8>, SealError>) -> Option<Vec<u8>> {
+    match r {
+        Ok(d) => Some(d),
+        Err(e) => {
+            log_seal_failure(&e);
+            None
+        }
+    }
+}
+
 /// Encodes an unsealed ERROR (spec/07 §7.4): the answerer's `role`, the request's key ID (0 for
 /// VersionNotSupported) and transaction ID, sequence 0, no tag; 31 bytes.
 pub fn unsealed_error(
@@ -462,9 +487,14 @@ impl<E> ServerOutput<E> {
         match datagram {
             Ok(d) => {
                 // A full outbox counts the datagram itself.
-                self.outbox.push(src, dst, d);
+                if !self.outbox.push(src, dst, d) {
+                    tracing::warn!(%dst, "outbox full: datagram dropped");
+                }
             }
-            Err(_) => self.seal_failed(),
+            Err(e) => {
+                log_seal_failure(&e);
+                self.seal_failed();
+            }
         }
     }
 

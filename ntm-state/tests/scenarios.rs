@@ -1090,3 +1090,13 @@ mod servers {
         }
     }
 }
+
+/// An ERROR logged by a machine inside a simulation fails the test (the harness's subscriber
+/// records it and the run loop stops with the seed and the capture).
+#[test]
+#[should_panic(expected = "ERROR logged inside the simulation")]
+fn an_error_log_inside_a_simulation_fails_the_test() {
+    let mut w = World::new(&WorldSetup::new(99));
+    tracing::error!(what = "a machine's bug", "something impossible happened");
+    w.run_for(Duration::from_millis(1));
+}

@@ -1437,7 +1437,7 @@ impl DirectionCoordinator {
     ) {
         let datagram = match self.session_mut(key_id) {
             Some((_, s)) => s.key.seal(key_id, msg, txid),
-            None => Err(SealError::Exhausted),
+            None => Err(SealError::NoKey),
         };
         self.output.queue(Some(local), remote, datagram);
     }

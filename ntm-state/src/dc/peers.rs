@@ -163,7 +163,7 @@ impl DirectionCoordinator {
     ) {
         let datagram = match self.peers.keys.get_mut(&key_id) {
             Some(k) => k.key.seal_to_vec(msg, txid, None),
-            None => Err(crate::signaling::SealError::Exhausted),
+            None => Err(crate::signaling::SealError::NoKey),
         };
         self.output.queue(Some(local), remote, datagram);
     }

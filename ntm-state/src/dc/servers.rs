@@ -671,7 +671,7 @@ impl DirectionCoordinator {
     ) {
         let datagram = match self.session_mut(key_id) {
             Some((_, s)) => s.key.seal(key_id, msg, txid),
-            None => Err(SealError::Exhausted),
+            None => Err(SealError::NoKey),
         };
         let Ok(datagram) = datagram else {
             self.output.seal_failed();

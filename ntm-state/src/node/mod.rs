@@ -78,6 +78,9 @@ pub struct NodeTimers {
     pub probe_repeat: Duration,
     /// A replaced tunnel is kept this long for packets in flight: 10 s.
     pub replaced_tunnel: Duration,
+    /// A handover PATH_UPDATE the peer never acknowledged (and whose rebuild failed) is sent
+    /// again this often while the tunnel stays: 5 s.
+    pub move_retry: Duration,
     /// The first retry after a login or registration timed out: 1 s, doubling to 60 s.
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -108,6 +111,7 @@ impl Default for NodeTimers {
             probe_repeat: Duration::from_secs(300),
             replaced_tunnel: Duration::from_secs(10),
             duplicate_tunnel: Duration::from_secs(3),
+            move_retry: Duration::from_secs(5),
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             ns_keepalive: Duration::from_secs(300),
@@ -752,7 +756,7 @@ impl Node {
         let Some(r) = self.registrar.as_mut() else {
             return;
         };
-        if let Ok(d) = r.key_mut().seal_to_vec(msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(r.key_mut().seal_to_vec(msg, txid, None)) {
             self.outbox.push(Some(local), remote, d);
         }
     }

@@ -370,7 +370,7 @@ impl Node {
         let Some(c) = self.servers.cache.as_mut() else {
             return;
         };
-        if let Ok(d) = c.key.seal_to_vec(msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(c.key.seal_to_vec(msg, txid, None)) {
             self.outbox.push(Some(c.local), c.cs, d);
         }
     }

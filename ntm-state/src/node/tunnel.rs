@@ -77,6 +77,8 @@ struct Update {
     msg: Message,
     /// Give up (and rebuild) at this time: 2 RTO after the first transmission.
     give_up_at: Time,
+    /// A retry of an unacknowledged move: giving up only schedules the next retry.
+    retry_only: bool,
 }
 
 pub(super) struct Tunnel {
@@ -115,6 +117,8 @@ pub(super) struct Tunnel {
     retire_at: Option<Time>,
     /// Lost the lower-Path-ID rule against a tunnel to the same peer: close it.
     close_wanted: bool,
+    /// A handover PATH_UPDATE the peer never acknowledged: when to send another.
+    move_unconfirmed: Option<Time>,
     established: Time,
     /// Installed while another tunnel to the peer was current (a rebuild).
     replacement: bool,
@@ -322,7 +326,7 @@ impl Node {
             extensions: Extensions::none(),
         }
         .into();
-        if let Ok(d) = leg.key.seal_to_vec(&msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(local), rs, d);
         }
         leg.bind = Some(tx);
@@ -399,7 +403,7 @@ impl Node {
             }
         };
         for (local, dst) in targets {
-            if let Ok(d) = p.tun_key.seal_to_vec(&msg, txid, None) {
+            if let Some(d) = crate::signaling::sealed(p.tun_key.seal_to_vec(&msg, txid, None)) {
                 self.outbox.push(Some(local), dst, d);
             }
         }
@@ -585,7 +589,7 @@ impl Node {
         }
         .into();
         let mut tun_key = p.tun_key;
-        if let Ok(d) = tun_key.seal_to_vec(&msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(tun_key.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(local), remote, d);
         }
         let path = match &p.relay {
@@ -742,6 +746,7 @@ impl Node {
             missed: 0,
             retire_at: loses.then_some(retire),
             close_wanted: loses,
+            move_unconfirmed: None,
             established: now,
             replacement,
             stats: TunnelStats::default(),
@@ -841,7 +846,7 @@ impl Node {
                     extensions: Extensions::none(),
                 }
                 .into();
-                if let Ok(d) = hs.key.seal_to_vec(&msg, hs.txid, None) {
+                if let Some(d) = crate::signaling::sealed(hs.key.seal_to_vec(&msg, hs.txid, None)) {
                     self.outbox.push(Some(local), remote, d);
                 }
                 Ok(())
@@ -864,7 +869,9 @@ impl Node {
                                 extensions: Extensions::none(),
                             }
                             .into();
-                            if let Ok(d) = t.ctrl.seal_to_vec(&reply, txid, None) {
+                            if let Some(d) =
+                                crate::signaling::sealed(t.ctrl.seal_to_vec(&reply, txid, None))
+                            {
                                 self.outbox.push(Some(local), remote, d);
                             }
                         }
@@ -928,13 +935,36 @@ impl Node {
                                     path_id,
                                     path: TunnelPath::Direct(remote),
                                 });
-                            } else if via_relay && t.probe_direct {
-                                // The peer moved: probe again at once (spec/05 §5.10).
-                                t.probes = Some(ProbeRound {
-                                    next: now,
-                                    until: now + self.config.timers.probe_round,
-                                    txid: 0,
-                                });
+                            } else if via_relay {
+                                if let (TunnelPath::Direct(_), Some(rs)) =
+                                    (t.path, t.relay.as_ref().map(|r| r.rs))
+                                {
+                                    // The peer went back to the relay (demoted, or moved
+                                    // where the direct path cannot follow): so does this end.
+                                    t.path = TunnelPath::Relay(rs);
+                                    if let Some(l) =
+                                        own.iter().find(|l| l.is_ipv6() == rs.is_ipv6())
+                                    {
+                                        t.local = *l;
+                                    }
+                                    let peer = t.peer.clone();
+                                    self.event(NodeEvent::PathChanged {
+                                        peer,
+                                        path_id,
+                                        path: TunnelPath::Relay(rs),
+                                    });
+                                }
+                                let Some(t) = self.tunnels.get_mut(&path_id) else {
+                                    return Ok(());
+                                };
+                                if t.probe_direct {
+                                    // The peer moved: probe again at once (spec/05 §5.10).
+                                    t.probes = Some(ProbeRound {
+                                        next: now,
+                                        until: now + self.config.timers.probe_round,
+                                        txid: 0,
+                                    });
+                                }
                             }
                         }
                         let Some(t) = self.tunnels.get_mut(&path_id) else {
@@ -963,6 +993,7 @@ impl Node {
                             && t.update.as_ref().is_some_and(|u| u.tx.txid() == txid)
                         {
                             t.update = None;
+                            t.move_unconfirmed = None;
                         }
                         if a.acked_type == MessageType::TunnelClose.to_u8()
                             && t.close.as_ref().is_some_and(|c| c.txid() == txid)
@@ -996,7 +1027,7 @@ impl Node {
         let rto = self.rtt.rto(dst, &cfg);
         let txid = rng.next_u32();
         let tx = Transaction::start(now, txid, MessageType::PathUpdate, dst, rto, &cfg, rng);
-        if let Ok(d) = t.ctrl.seal_to_vec(&msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(t.local), dst, d);
         }
         t.last_sent = now;
@@ -1004,6 +1035,7 @@ impl Node {
             tx,
             msg,
             give_up_at: now + rto * 2,
+            retry_only: false,
         });
     }
 
@@ -1053,7 +1085,7 @@ impl Node {
             extensions: Extensions::none(),
         }
         .into();
-        if let Ok(d) = t.ctrl.seal_to_vec(&msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(t.local), dst, d);
         }
         t.close = Some(Transaction::start(
@@ -1278,7 +1310,7 @@ impl Node {
             extensions: Extensions::none(),
         }
         .into();
-        if let Ok(d) = leg.key.seal_to_vec(&msg, txid, None) {
+        if let Some(d) = crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(local), rs, d);
         }
         leg.bind = Some(Transaction::start(
@@ -1317,6 +1349,14 @@ impl Node {
             path_id,
             path: TunnelPath::Relay(rs),
         });
+        // Tell the peer through the RS, so that it goes back to the relay too.
+        let msg: Message = PathUpdate {
+            reason: PathUpdateReason::Handover,
+            local_addrs: addr_list(&self.config.local_addrs),
+            extensions: Extensions::none(),
+        }
+        .into();
+        self.start_update(now, path_id, msg, rng);
     }
 
     // -- Timers --------------------------------------------------------------------------------
@@ -1376,6 +1416,9 @@ impl Node {
                     u.tx.deadline().min(u.give_up_at),
                     "path update retransmission",
                 );
+            }
+            if let (None, Some(at)) = (&tun.update, tun.move_unconfirmed) {
+                take(at, "unacknowledged path update retry");
             }
             if let Some(b) = tun.relay.as_ref().and_then(|r| r.bind.as_ref()) {
                 take(b.deadline(), "relay bind retransmission");
@@ -1458,7 +1501,8 @@ impl Node {
                         extensions: Extensions::none(),
                     }
                     .into();
-                    if let Ok(d) = leg.key.seal_to_vec(&msg, txid, None) {
+                    if let Some(d) = crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None))
+                    {
                         self.outbox.push(Some(local), rs, d);
                     }
                 }
@@ -1522,7 +1566,8 @@ impl Node {
                     }
                     .into();
                     let dst = c.remote();
-                    if let Ok(d) = t.ctrl.seal_to_vec(&msg, txid, None) {
+                    if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None))
+                    {
                         self.outbox.push(Some(t.local), dst, d);
                     }
                 }
@@ -1541,8 +1586,12 @@ impl Node {
         // PATH_UPDATE: retransmit; after 2 RTO without ACK the path is presumed lost.
         if let Some(u) = t.update.as_mut() {
             if u.give_up_at <= now {
+                let first = !u.retry_only;
                 t.update = None;
-                if matches!(t.path, TunnelPath::Direct(_)) {
+                // An unacknowledged PATH_UPDATE is tried again now and then while the tunnel
+                // stays: until the peer hears of it, it sends to the old address.
+                t.move_unconfirmed = Some(now + timers.move_retry);
+                if first && matches!(t.path, TunnelPath::Direct(_)) {
                     // The peer never heard of the move: only the DC can direct both ends to a
                     // new path (spec/05 §5.9.1); rebinding at the RS alone would leave the peer
                     // sending to the old address.
@@ -1552,10 +1601,29 @@ impl Node {
                 }
             } else if u.tx.on_timeout(now, &cfg, rng) == Expiry::Retransmit {
                 let (txid, dst) = (u.tx.txid(), u.tx.remote());
-                if let Ok(d) = t.ctrl.seal_to_vec(&u.msg, txid, None) {
+                if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&u.msg, txid, None)) {
                     self.outbox.push(Some(t.local), dst, d);
                 }
             }
+        }
+        if t.update.is_none() && t.move_unconfirmed.is_some_and(|at| at <= now) {
+            t.move_unconfirmed = Some(now + timers.move_retry);
+            let msg: Message = PathUpdate {
+                reason: PathUpdateReason::Handover,
+                local_addrs: addr_list(&own),
+                extensions: Extensions::none(),
+            }
+            .into();
+            self.start_update(now, path_id, msg, rng);
+            // Its give-up sets the next retry; it does not ask for another rebuild.
+            if let Some(u) = self
+                .tunnels
+                .get_mut(&path_id)
+                .and_then(|t| t.update.as_mut())
+            {
+                u.retry_only = true;
+            }
+            return;
         }
         // RELAY_BIND retransmission.
         if let Some(leg) = t.relay.as_mut() {
@@ -1567,7 +1635,9 @@ impl Node {
                             extensions: Extensions::none(),
                         }
                         .into();
-                        if let Ok(d) = leg.key.seal_to_vec(&msg, txid, None) {
+                        if let Some(d) =
+                            crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None))
+                        {
                             let local = own
                                 .iter()
                                 .copied()
@@ -1605,7 +1675,8 @@ impl Node {
                     else {
                         continue;
                     };
-                    if let Ok(d) = t.ctrl.seal_to_vec(&msg, txid, None) {
+                    if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None))
+                    {
                         self.outbox.push(Some(local), c, d);
                     }
                 }
@@ -1658,7 +1729,7 @@ impl Node {
                 extensions: Extensions::none(),
             }
             .into();
-            if let Ok(d) = t.ctrl.seal_to_vec(&msg, txid, None) {
+            if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None)) {
                 self.outbox.push(Some(t.local), dst, d);
             }
             t.last_sent = now;

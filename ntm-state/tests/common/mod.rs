@@ -147,9 +147,57 @@ pub fn drain(mut poll_transmit: impl FnMut(&mut [u8]) -> Option<Transmit>) -> Ve
     out
 }
 
+/// Records every ERROR the machines log (a `tracing` subscriber installed for the test's
+/// thread while its [`Net`] lives): an ERROR inside a simulation fails the test.
+pub struct ErrorLog {
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    next_span: std::sync::atomic::AtomicU64,
+}
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn core::fmt::Debug) {
+        self.0.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
+
+impl tracing::Subscriber for ErrorLog {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() == tracing::Level::ERROR
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let n = self
+            .next_span
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::span::Id::from_u64(n + 1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let line = format!("{}:{}", event.metadata().target(), fields.0);
+        if let Ok(mut e) = self.errors.lock() {
+            e.push(line);
+        }
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// The simulated network and every datagram sent on it.
 pub struct Net {
     pub sim: Sim,
+    /// ERRORs logged since the network was made.
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _log: tracing::subscriber::DefaultGuard,
     /// In the order the machines handed them over.
     pub sent: Vec<Sent>,
     /// No link was given for all of them, so hosts and NATs get the latencies they are made with.
@@ -164,8 +212,15 @@ impl Net {
         if let Some(link) = every_link {
             sim = sim.with_default_link(link);
         }
+        let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = ErrorLog {
+            errors: errors.clone(),
+            next_span: std::sync::atomic::AtomicU64::new(0),
+        };
         Net {
             sim,
+            errors,
+            _log: tracing::subscriber::set_default(log),
             sent: Vec::new(),
             default_links: every_link.is_none(),
         }
@@ -207,6 +262,11 @@ impl Net {
                 .expect("link");
         }
         (nat, inside)
+    }
+
+    /// The ERRORs the machines logged so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// `port` on `host`'s first IPv4 address.
@@ -300,6 +360,12 @@ pub trait Drive: Sized {
             if stop(self) || now >= limit {
                 return;
             }
+            let errors = self.net().errors();
+            assert!(
+                errors.is_empty(),
+                "ERROR logged inside the simulation: {errors:?}\n{}",
+                self.context()
+            );
             // A machine whose deadline stays due after its timeout ran would spin forever.
             spins = if now == last { spins + 1 } else { 0 };
             last = now;
