@@ -771,6 +771,13 @@ fn data_both_ways_retrying(w: &mut World, a: usize, b: usize) {
     }
 }
 
+/// Under loss: both nodes up, a tunnel between them, data both ways.
+fn pair_under_loss(w: &mut World, mn: usize, cn: usize) {
+    bring_up_retrying(w, &[mn, cn]);
+    connect_retrying(w, mn, cn, Duration::from_secs(300));
+    data_both_ways_retrying(w, mn, cn);
+}
+
 fn bring_up_retrying(w: &mut World, nodes: &[usize]) {
     for &i in nodes {
         // The node retries its login and registration itself, with back-off.
@@ -815,18 +822,14 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
             .expect("segment");
         let home = nat(&mut w, "nat", internet, Mapping::AddressAndPortDependent);
         let (mn, cn) = (w.add_node(g4, INTERNET_LINK), w.add_node(home, NAT_LINK));
-        bring_up_retrying(&mut w, &[mn, cn]);
-        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
-        data_both_ways_retrying(&mut w, mn, cn);
+        pair_under_loss(&mut w, mn, cn);
         // 3: both behind endpoint-independent NATs: relay, then probing.
         let mut w = World::new(&setup(3));
         let internet = w.internet;
         let a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
         let b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
         let (mn, cn) = (w.add_node(a, NAT_LINK), w.add_node(b, NAT_LINK));
-        bring_up_retrying(&mut w, &[mn, cn]);
-        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
-        data_both_ways_retrying(&mut w, mn, cn);
+        pair_under_loss(&mut w, mn, cn);
         w.run_for(Duration::from_secs(12));
         data_both_ways_retrying(&mut w, mn, cn);
         // 4: IPv6-only to IPv4-only behind a NAT, through the dual-stack RS.
@@ -839,26 +842,20 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
             .expect("segment");
         let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
         let (mn, cn) = (w.add_node(v6, INTERNET_LINK), w.add_node(home, NAT_LINK));
-        bring_up_retrying(&mut w, &[mn, cn]);
-        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
-        data_both_ways_retrying(&mut w, mn, cn);
+        pair_under_loss(&mut w, mn, cn);
         // 7: same NAT.
         let mut w = World::new(&setup(7));
         let internet = w.internet;
         let home = nat(&mut w, "nat", internet, Mapping::AddressAndPortDependent);
         let (mn, cn) = (w.add_node(home, NAT_LINK), w.add_node(home, NAT_LINK));
-        bring_up_retrying(&mut w, &[mn, cn]);
-        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
-        data_both_ways_retrying(&mut w, mn, cn);
+        pair_under_loss(&mut w, mn, cn);
         // 8: two domains.
         let mut w = World::two_domains(&setup(8));
         let internet = w.internet;
         let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
         let mn = w.add_node(internet, INTERNET_LINK);
         let cn = w.add_node_dc2(0, home, NAT_LINK);
-        bring_up_retrying(&mut w, &[mn, cn]);
-        connect_retrying(&mut w, mn, cn, Duration::from_secs(300));
-        data_both_ways_retrying(&mut w, mn, cn);
+        pair_under_loss(&mut w, mn, cn);
         // 9: handover to a NAT and to IPv6-only, data resuming after each.
         let mut w = World::new(&setup(9));
         let internet = w.internet;

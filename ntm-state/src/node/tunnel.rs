@@ -32,6 +32,33 @@ pub(super) struct RelayLeg {
     last_used: Time,
 }
 
+impl RelayLeg {
+    /// Opens the RS's answer under K_rel (role Relay): the ACK of this side's RELAY_BIND is
+    /// taken here; an ERROR comes back with the transaction ID it answers.
+    fn take_answer(
+        &mut self,
+        now: Time,
+        buf: &mut [u8],
+    ) -> Result<Option<(ErrorCode, u32)>, DropReason> {
+        let (h, msg) = self.key.open(buf)?;
+        if !h.sealed {
+            return Err(DropReason::UnsealedHint);
+        }
+        let txid = h.envelope.txid;
+        match msg {
+            Message::Ack(a) if a.acked_type == MessageType::RelayBind.to_u8() => {
+                if self.bind.as_ref().is_some_and(|t| t.txid() == txid) {
+                    self.bind = None;
+                }
+                self.last_used = now;
+                Ok(None)
+            }
+            Message::Error(e) => Ok(Some((e.code, txid))),
+            _ => Err(DropReason::Unexpected),
+        }
+    }
+}
+
 /// A direction not yet turned into a tunnel.
 pub(super) struct Pending {
     pub(super) rd: RouteDirection,
@@ -492,35 +519,14 @@ impl Node {
             let Some(leg) = p.relay.as_mut() else {
                 return Err(DropReason::Unexpected);
             };
-            let (h, msg) = leg.key.open(buf)?;
-            if !h.sealed {
-                return Err(DropReason::UnsealedHint);
-            }
-            match msg {
-                Message::Ack(a) if a.acked_type == MessageType::RelayBind.to_u8() => {
-                    if leg
-                        .bind
-                        .as_ref()
-                        .is_some_and(|t| t.txid() == h.envelope.txid)
-                    {
-                        leg.bind = None;
-                        leg.last_used = now;
-                    }
-                    Ok(())
+            if let Some((ErrorCode::PeerNotBound, txid)) = leg.take_answer(now, buf)? {
+                // The responder has not bound yet: resend the request now (spec/05 §5.6).
+                let ours = p.request.as_ref().is_some_and(|(tx, _)| tx.txid() == txid);
+                if ours {
+                    self.send_tunnel_request(now, path_id, false, rng);
                 }
-                Message::Error(e) if e.code == ErrorCode::PeerNotBound => {
-                    // The responder has not bound yet: resend the request now (spec/05 §5.6).
-                    let ours = p
-                        .request
-                        .as_ref()
-                        .is_some_and(|(tx, _)| tx.txid() == h.envelope.txid);
-                    if ours {
-                        self.send_tunnel_request(now, path_id, false, rng);
-                    }
-                    Ok(())
-                }
-                _ => Err(DropReason::Unexpected),
             }
+            Ok(())
         } else {
             match header.msg_type {
                 MessageType::TunnelRequest if p.rd.role == TunnelRole::Responder => {
@@ -793,26 +799,8 @@ impl Node {
         else {
             return Err(DropReason::Unexpected);
         };
-        let (h, msg) = leg.key.open(buf)?;
-        if !h.sealed {
-            return Err(DropReason::UnsealedHint);
-        }
-        match msg {
-            Message::Ack(a) if a.acked_type == MessageType::RelayBind.to_u8() => {
-                if leg
-                    .bind
-                    .as_ref()
-                    .is_some_and(|t| t.txid() == h.envelope.txid)
-                {
-                    leg.bind = None;
-                }
-                leg.last_used = now;
-                Ok(())
-            }
-            // PeerNotBound for a PATH_UPDATE or keep-alive: the retransmissions go on.
-            Message::Error(_) => Ok(()),
-            _ => Err(DropReason::Unexpected),
-        }
+        // PeerNotBound for a PATH_UPDATE or keep-alive: the retransmissions go on.
+        leg.take_answer(now, buf).map(|_| ())
     }
 
     /// Signaling on an established tunnel: K_ctrl messages, and retransmitted handshakes.
