@@ -69,8 +69,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::signaling::{
-    server_intake, source_prefix, DropCounters, DropReason, Expiry, RetransmitConfig, RttTable,
-    ServerOutput, SignalingKey, Transaction, Transmit,
+    source_prefix, DropCounters, DropReason, Expiry, RetransmitConfig, RttTable, ServerOutput,
+    SignalingKey, Transaction, Transmit,
 };
 use crate::time::Time;
 
@@ -612,15 +612,7 @@ impl AccountServer {
         buf: &mut [u8],
         rng: &mut R,
     ) -> Result<(), DropReason> {
-        let header = match server_intake(buf, Role::B) {
-            Ok(h) => h,
-            Err(refusal) => {
-                if let Some(answer) = refusal.answer {
-                    self.output.send_unsealed(now, local, remote, answer);
-                }
-                return Err(refusal.reason);
-            }
-        };
+        let header = self.output.intake(now, local, remote, buf, Role::B)?;
         match header.msg_type {
             MessageType::ConfigRequest => {
                 self.on_config_request(now, local, remote, buf, &header, rng)

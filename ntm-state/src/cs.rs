@@ -61,8 +61,8 @@ use ntm_wire::{
 use rand_core::{CryptoRng, RngCore};
 
 use crate::signaling::{
-    server_intake, DropCounters, DropReason, Expiry, RetransmitConfig, RttEstimator, SealError,
-    ServerOutput, SignalingKey, Transaction, Transmit,
+    DropCounters, DropReason, Expiry, RetransmitConfig, RttEstimator, SealError, ServerOutput,
+    SignalingKey, Transaction, Transmit,
 };
 use crate::time::Time;
 
@@ -577,15 +577,7 @@ impl CacheServer {
         buf: &mut [u8],
         rng: &mut R,
     ) -> Result<(), DropReason> {
-        let header = match server_intake(buf, Role::B) {
-            Ok(h) => h,
-            Err(refusal) => {
-                if let Some(answer) = refusal.answer {
-                    self.output.send_unsealed(now, local, remote, answer);
-                }
-                return Err(refusal.reason);
-            }
-        };
+        let header = self.output.intake(now, local, remote, buf, Role::B)?;
         match header.msg_type {
             MessageType::KeyDistribution | MessageType::Ack | MessageType::Error => {
                 self.on_dc_datagram(now, local, remote, buf, &header, rng)

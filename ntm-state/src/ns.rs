@@ -451,15 +451,7 @@ impl NotificationServer {
         buf: &mut [u8],
         rng: &mut R,
     ) -> Result<(), DropReason> {
-        let header = match server_intake(buf, Role::B) {
-            Ok(h) => h,
-            Err(refusal) => {
-                if let Some(answer) = refusal.answer {
-                    self.output.send_unsealed(now, local, remote, answer);
-                }
-                return Err(refusal.reason);
-            }
-        };
+        let header = self.output.intake(now, local, remote, buf, Role::B)?;
         let is_request = matches!(
             header.msg_type,
             MessageType::KeyDistribution

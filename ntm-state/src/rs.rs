@@ -81,9 +81,7 @@ use ntm_wire::{
 };
 use rand_core::{CryptoRng, RngCore};
 
-use crate::signaling::{
-    server_intake, DropCounters, DropReason, ServerOutput, SignalingKey, Transmit,
-};
+use crate::signaling::{DropCounters, DropReason, ServerOutput, SignalingKey, Transmit};
 use crate::time::Time;
 
 /// The length of the RS's sealed ERROR PeerNotBound: header, 7-byte body, tag. A message shorter
@@ -839,14 +837,9 @@ impl RelayServer {
                 Err(e) => RelayDecision::Drop(RelayDrop::Signaling(DropReason::Header(e))),
             };
         }
-        let header = match server_intake(buf, Role::B) {
+        let header = match self.output.intake(now, local, remote, buf, Role::B) {
             Ok(h) => h,
-            Err(refusal) => {
-                if let Some(answer) = refusal.answer {
-                    self.output.send_unsealed(now, local, remote, answer);
-                }
-                return RelayDecision::Drop(RelayDrop::Signaling(refusal.reason));
-            }
+            Err(reason) => return RelayDecision::Drop(RelayDrop::Signaling(reason)),
         };
         let t = header.msg_type;
         if forwarded(t) {

@@ -540,6 +540,24 @@ impl<E> ServerOutput<E> {
         }
     }
 
+    /// The first step of a server's input ([`server_intake`]): the checked header, or the
+    /// reason to drop the datagram, having queued the VersionNotSupported answer it deserves.
+    pub fn intake(
+        &mut self,
+        now: Time,
+        local: SocketAddr,
+        remote: SocketAddr,
+        buf: &[u8],
+        role: Role,
+    ) -> Result<Header, DropReason> {
+        server_intake(buf, role).map_err(|refusal| {
+            if let Some(answer) = refusal.answer {
+                self.send_unsealed(now, local, remote, answer);
+            }
+            refusal.reason
+        })
+    }
+
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         self.outbox.poll_transmit(buf)
     }

@@ -90,8 +90,7 @@ use ntm_wire::{
 use rand_core::{CryptoRng, RngCore};
 
 use crate::signaling::{
-    server_intake, DropCounters, DropReason, RetransmitConfig, SealError, ServerOutput,
-    SignalingKey, Transmit,
+    DropCounters, DropReason, RetransmitConfig, SealError, ServerOutput, SignalingKey, Transmit,
 };
 use crate::time::Time;
 
@@ -1003,15 +1002,7 @@ impl DirectionCoordinator {
         if local.port() == self.config.dns_port {
             return self.on_dns_query(now, local, remote, buf);
         }
-        let header = match server_intake(buf, Role::B) {
-            Ok(h) => h,
-            Err(refusal) => {
-                if let Some(answer) = refusal.answer {
-                    self.output.send_unsealed(now, local, remote, answer);
-                }
-                return Err(refusal.reason);
-            }
-        };
+        let header = self.output.intake(now, local, remote, buf, Role::B)?;
         let key_id = header.envelope.key_id;
         match header.msg_type {
             MessageType::KeyDistribution if header.envelope.ephemeral.is_some() => {
