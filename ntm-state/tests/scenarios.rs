@@ -884,6 +884,111 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
     }
 }
 
+/// Teardown (spec/05 §5.16): a tunnel that carried no DATA for 180 s is closed at both ends
+/// (keep-alives do not count); the next packet for the peer's virtual address builds a new
+/// tunnel and is delivered; an application close removes it at both ends.
+#[test]
+fn idle_expiry_close_and_rebuild_on_the_next_packet() {
+    let mut w = World::new(&WorldSetup::new(16));
+    let internet = w.internet;
+    let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
+    let mn = w.add_node(internet, INTERNET_LINK);
+    let cn = w.add_node(home, NAT_LINK);
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    data_both_ways(&mut w, mn, cn);
+    let first = w.nodes[mn]
+        .node
+        .tunnel(&w.nodes[cn].fqdn)
+        .expect("tunnel")
+        .path_id;
+    // Idle: keep-alives flow (CN is behind a NAT), DATA does not.
+    w.run_for(Duration::from_secs(179));
+    assert!(
+        w.nodes[mn].node.tunnel(&w.nodes[cn].fqdn).is_some(),
+        "closed too early"
+    );
+    w.run_for(Duration::from_secs(3));
+    for (i, j) in [(mn, cn), (cn, mn)] {
+        assert!(
+            w.nodes[i].node.tunnel(&w.nodes[j].fqdn).is_none(),
+            "{}",
+            w.context()
+        );
+        let down = w.nodes[i].events.iter().any(|(_, e)| {
+            matches!(e, NodeEvent::TunnelDown { path_id, reason, .. }
+                if *path_id == first
+                    && matches!(reason, ntm_state::node::DownReason::Idle
+                        | ntm_state::node::DownReason::ClosedByPeer))
+        });
+        assert!(down, "node{i} reported no idle close\n{}", w.context());
+    }
+    // The next packet for CN's virtual address builds a new tunnel and arrives.
+    let t0 = w.now();
+    let got = w.deliver_v4(mn, cn, b"after idle", Duration::from_secs(3));
+    // DIRECTION_REQUEST, both ROUTE_DIRECTIONs, TUNNEL_REQUEST (the NATed target initiates),
+    // TUNNEL_RESPONSE, then the queued packet.
+    assert!(
+        got.is_some_and(|t| t - t0 <= ONE_WAY * 6),
+        "{got:?}\n{}",
+        w.context()
+    );
+    let second = w.nodes[mn]
+        .node
+        .tunnel(&w.nodes[cn].fqdn)
+        .expect("tunnel")
+        .path_id;
+    assert_ne!(first, second);
+    // An application close removes it at both ends.
+    let now = w.now();
+    let peer = w.nodes[cn].fqdn.clone();
+    let n = &mut w.nodes[mn];
+    n.node.close(now, &peer, &mut n.rng);
+    w.run_for(Duration::from_millis(200));
+    assert!(w.nodes[mn].node.tunnels().is_empty(), "{}", w.context());
+    assert!(w.nodes[cn].node.tunnels().is_empty(), "{}", w.context());
+}
+
+/// The DC answers DNS for its zone on port 53 in the simulator: a node's virtual addresses for
+/// A and AAAA, NXDOMAIN for a missing name, and a restricted name exactly as a missing one.
+#[test]
+fn the_dc_answers_dns_for_its_zone() {
+    use hickory_proto::op::{Message, MessageType as DnsType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut w = World::new(&WorldSetup::new(17));
+    let mut policy = ntm_state::dc::AccessPolicy::open();
+    policy.restrict(node_name(1), [node_name(0)]);
+    w.dc.set_access_policy(policy);
+    let internet = w.internet;
+    let a = w.add_node(internet, INTERNET_LINK);
+    let b = w.add_node(internet, INTERNET_LINK);
+    up(&mut w, &[a, b]);
+    let asker = w.net.host("stub", internet, INTERNET_LINK);
+    let src = w.net.v4(asker, 5353);
+    let dns = SocketAddr::new(w.dc_addrs[0].ip(), 53);
+    let mut ask = |w: &mut World, id: u16, name: &str, t: RecordType| -> Message {
+        let mut q = Message::new(id, DnsType::Query, OpCode::Query);
+        q.queries
+            .push(Query::query(Name::from_ascii(name).expect("name"), t));
+        let now = w.now();
+        w.send(now, "stub", asker, src, dns, q.to_vec().expect("query"));
+        w.run_for(Duration::from_millis(100));
+        let d = w.stray.pop().expect("an answer").payload;
+        Message::from_vec(&d).expect("a DNS message")
+    };
+    let (v4, v6) = w.nodes[a].vaddrs();
+    let m = ask(&mut w, 1, "node0.dc1.example.", RecordType::A);
+    assert!(m.metadata.authoritative);
+    assert!(matches!(m.answers.first().map(|r| &r.data), Some(RData::A(x)) if x.0 == v4));
+    let m = ask(&mut w, 2, "node0.dc1.example.", RecordType::AAAA);
+    assert!(matches!(m.answers.first().map(|r| &r.data), Some(RData::AAAA(x)) if x.0 == v6));
+    let missing = ask(&mut w, 3, "nobody.dc1.example.", RecordType::A);
+    assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+    let hidden = ask(&mut w, 3, "node1.dc1.example.", RecordType::A);
+    assert_eq!(hidden.metadata.response_code, ResponseCode::NXDomain);
+    assert!(hidden.answers.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The DC's CS and NS (spec/05 §5.2 steps 8-12, §5.4, §5.5.4, §5.14).
 

@@ -1086,6 +1086,10 @@ impl Node {
                 .front()
                 .map(|(t, ..)| (*t, "held tunnel request expiry")),
         );
+        if !self.wanted.is_empty() && self.dc_leg().is_some() {
+            // Registered: the directions waiting for it go at once.
+            consider(Some((Time::ZERO, "direction request after registration")));
+        }
         consider(self.tunnel_deadline());
         consider(self.servers_deadline());
         best

@@ -135,6 +135,8 @@ pub(super) struct Tunnel {
     update: Option<Update>,
     last_update_seq: Option<u64>,
     close: Option<Transaction>,
+    /// Why this end is closing it (sent again with each retransmission).
+    close_reason: CloseReason,
     last_data: Time,
     last_sent: Time,
     last_received: Time,
@@ -201,6 +203,14 @@ fn addr_list(addrs: &[SocketAddr]) -> AddrList {
             .collect(),
     )
     .unwrap_or_else(|_| AddrList::empty())
+}
+
+/// How this end reports a tunnel it closed.
+fn down_reason(reason: CloseReason) -> DownReason {
+    match reason {
+        CloseReason::Idle => DownReason::Idle,
+        _ => DownReason::Closed,
+    }
 }
 
 fn ack(t: MessageType) -> Message {
@@ -745,6 +755,7 @@ impl Node {
             update: None,
             last_update_seq: None,
             close: None,
+            close_reason: CloseReason::Normal,
             last_data: now,
             last_sent: now,
             last_received: now,
@@ -986,7 +997,8 @@ impl Node {
                         if a.acked_type == MessageType::TunnelClose.to_u8()
                             && t.close.as_ref().is_some_and(|c| c.txid() == txid)
                         {
-                            self.remove_tunnel(path_id, DownReason::Closed);
+                            let reason = down_reason(t.close_reason);
+                            self.remove_tunnel(path_id, reason);
                         }
                         Ok(())
                     }
@@ -1076,6 +1088,7 @@ impl Node {
         if let Some(d) = crate::signaling::sealed(t.ctrl.seal_to_vec(&msg, txid, None)) {
             self.outbox.push(Some(t.local), dst, d);
         }
+        t.close_reason = reason;
         t.close = Some(Transaction::start(
             now,
             txid,
@@ -1543,13 +1556,14 @@ impl Node {
         if let Some(c) = t.close.as_mut() {
             match c.on_timeout(now, &cfg, rng) {
                 Expiry::Failed => {
-                    self.remove_tunnel(path_id, DownReason::Closed);
+                    let reason = down_reason(t.close_reason);
+                    self.remove_tunnel(path_id, reason);
                     return;
                 }
                 Expiry::Retransmit => {
                     let txid = c.txid();
                     let msg: Message = TunnelClose {
-                        reason: CloseReason::Normal,
+                        reason: t.close_reason,
                         extensions: Extensions::none(),
                     }
                     .into();

@@ -148,6 +148,8 @@ pub struct World {
     pub relays: Vec<RsHost>,
     pub dc_events: Vec<(Time, DcEvent)>,
     pub domain2: Option<Domain2>,
+    /// Datagrams delivered to hosts that run no machine (a test's own stub).
+    pub stray: Vec<Delivery>,
     by_host: BTreeMap<HostId, usize>,
 }
 
@@ -251,6 +253,7 @@ impl World {
             relays,
             dc_events: Vec::new(),
             domain2: None,
+            stray: Vec::new(),
             by_host: BTreeMap::new(),
         }
     }
@@ -695,6 +698,8 @@ impl Drive for World {
             {
                 n.received.push((now, payload[range].to_vec()));
             }
+        } else {
+            self.stray.push(Delivery { payload, ..d });
         }
     }
 
