@@ -966,7 +966,7 @@ fn the_dc_answers_dns_for_its_zone() {
     let asker = w.net.host("stub", internet, INTERNET_LINK);
     let src = w.net.v4(asker, 5353);
     let dns = SocketAddr::new(w.dc_addrs[0].ip(), 53);
-    let mut ask = |w: &mut World, id: u16, name: &str, t: RecordType| -> Message {
+    let ask = |w: &mut World, id: u16, name: &str, t: RecordType| -> Message {
         let mut q = Message::new(id, DnsType::Query, OpCode::Query);
         q.queries
             .push(Query::query(Name::from_ascii(name).expect("name"), t));
