@@ -509,6 +509,44 @@ impl Flow {
     }
 }
 
+/// Scenario 8, relayed: a node of dc2.example asks for one of dc1.example, both behind NATs; the
+/// deciding DC (dc1) authorizes its RS while the requesting DC retransmits its NTM_INFO_REQUEST
+/// (the retransmission is absorbed, not answered with a direction that has no relay yet).
+#[test]
+fn s08_two_domains_relayed() {
+    let mut setup = WorldSetup::new(81);
+    setup.accounts = 2;
+    let mut w = World::two_domains(&setup);
+    let internet = w.internet;
+    let home_a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
+    let home_b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
+    let target = w.add_node(home_a, NAT_LINK);
+    let requester = w.add_node_dc2(0, home_b, NAT_LINK);
+    up(&mut w, &[target, requester]);
+    // A slow RS: the DC-to-DC retransmission timer fires before the relay answers.
+    let rs = w.relays[0].host;
+    for ip in w.net.sim.addrs(rs) {
+        w.net
+            .sim
+            .set_link(
+                rs,
+                ip,
+                ntm_state::sim::Link::latency(Duration::from_millis(150)),
+            )
+            .expect("link");
+    }
+    w.connect(requester, target, Duration::from_secs(10));
+    let (_, first) = w.nodes[requester]
+        .tunnel_up(&w.nodes[target].fqdn)
+        .expect("up");
+    assert!(
+        matches!(first, TunnelPath::Relay(_)),
+        "{first:?}\n{}",
+        w.context()
+    );
+    data_both_ways(&mut w, requester, target);
+}
+
 /// Scenario 9: handover during a data flow. MN moves from global IPv4 to a private NAT, to an
 /// IPv6-only network, and back; CN is global dual-stack. Virtual addresses never change; data
 /// resumes after each move; the interruption is measured.

@@ -353,7 +353,7 @@ impl DirectionCoordinator {
         let cache_key = (from.key_id, from.txid);
         if let Some((answered, _)) = self.directions.answers.get(&cache_key).cloned() {
             match answered {
-                Answered::Path(path_id) => self.resend_requester_direction(now, path_id),
+                Answered::Path(path_id) => self.resend_requester_direction(path_id),
                 Answered::Message(msg) => {
                     self.send_to_node(from.local, from.remote, from.key_id, &msg, from.txid)
                 }
@@ -443,9 +443,6 @@ impl DirectionCoordinator {
                 }
             }
         }
-        if rebuild {
-            self.forget_path(req.rebuild_path_id);
-        }
         let plan = select_route(&requester_view, &target_view, rebuild);
         let Some(target_fqdn) = self.node(target).map(|n| n.fqdn.clone()) else {
             return;
@@ -459,6 +456,9 @@ impl DirectionCoordinator {
             rng,
         );
         if let (true, Some(id)) = (rebuild, new_path) {
+            // The rebuilt path goes once its replacement is decided (a failed decision leaves
+            // it, so the node's retry is still a rebuild).
+            self.forget_path(req.rebuild_path_id);
             let d = &mut self.directions;
             d.rebuilt.retain(|_, (_, at)| *at + REBUILD_MEMORY > now);
             if d.rebuilt.len() < self.config.limits.max_paths {
@@ -517,7 +517,21 @@ impl DirectionCoordinator {
     }
 
     pub(super) fn remember_answer(&mut self, now: Time, key: (u32, u32), answered: Answered) {
+        let limit = self.config.limits.max_pending_directions;
         let d = &mut self.directions;
+        if d.answers.len() >= limit && !d.answers.contains_key(&key) {
+            // Full: the oldest answer goes (its request's retransmission is decided again).
+            if let Some(&(at, due)) = d
+                .deadlines
+                .iter()
+                .find(|(_, due)| matches!(due, Due::Answer(..)))
+            {
+                d.deadlines.remove(&(at, due));
+                if let Due::Answer(k, t) = due {
+                    d.answers.remove(&(k, t));
+                }
+            }
+        }
         if let Some((_, old)) = d.answers.insert(key, (answered, now + ANSWER_CACHE)) {
             d.deadlines.remove(&(old, Due::Answer(key.0, key.1)));
         }
@@ -861,7 +875,7 @@ impl DirectionCoordinator {
     }
 
     /// A retransmitted DIRECTION_REQUEST whose direction is out: send it again now.
-    fn resend_requester_direction(&mut self, _now: Time, path_id: u32) {
+    pub(super) fn resend_requester_direction(&mut self, path_id: u32) {
         let Some(p) = self.directions.paths.get(&path_id) else {
             return;
         };

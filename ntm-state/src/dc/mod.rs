@@ -178,6 +178,9 @@ pub struct DcLimits {
     pub max_paths: usize,
     /// DC↔DC keys held at once.
     pub max_dc_keys: usize,
+    /// DIRECTION_REQUESTs answered or being answered (kept 30 s for retransmissions), and
+    /// those waiting for another DC's discovery: at most this many of each.
+    pub max_pending_directions: usize,
     /// Requests outstanding to the NS and CS, NOTIFICATIONs to nodes, REGISTRATION_RESPONSEs
     /// held for the NS, and answers kept for the CS: at most this many of each.
     pub max_server_requests: usize,
@@ -196,6 +199,7 @@ impl Default for DcLimits {
             sequence_block: 1 << 16,
             max_paths: 65_536,
             max_dc_keys: 1024,
+            max_pending_directions: 65_536,
             max_server_requests: 4096,
         }
     }

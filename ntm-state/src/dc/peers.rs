@@ -184,6 +184,11 @@ impl DirectionCoordinator {
             self.answer_direction(now, from, not_found);
             return;
         };
+        if self.peers.waiting.len() >= self.config.limits.max_pending_directions {
+            let e = error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest);
+            self.answer_direction(now, from, e);
+            return;
+        }
         self.remember_answer(now, (from.key_id, from.txid), Answered::Path(0));
         self.peers.waiting.push(Waiting {
             peer,
@@ -602,6 +607,16 @@ impl DirectionCoordinator {
         let Purpose::NtmInfo { request, .. } = o.purpose else {
             return Err(DropReason::Unexpected);
         };
+        // The other DC may only direct our node to the node it was asked about.
+        let asked = match self.directions.kept.get(&(key_id, txid)) {
+            Some(Message::NtmInfoRequest(q)) => Some(q.target_fqdn.clone()),
+            _ => None,
+        };
+        if let Message::RouteDirection(rd) = &msg {
+            if asked.as_ref() != Some(&rd.peer_fqdn) {
+                return Err(DropReason::Unexpected);
+            }
+        }
         if let Some(rtt) = o.tx.rtt_sample(now) {
             let peer = o.tx.remote();
             self.directions.rtt.on_sample(now, peer, rtt);
@@ -669,7 +684,7 @@ impl DirectionCoordinator {
             .cloned()
         {
             match answered {
-                Answered::Path(path_id) => self.resend_answer_to_peer(path_id, from),
+                Answered::Path(path_id) => self.resend_requester_direction(path_id),
                 Answered::Message(m) => self.send_answer(from, &m),
             }
             return;
@@ -728,12 +743,6 @@ impl DirectionCoordinator {
         );
     }
 
-    fn resend_answer_to_peer(&mut self, path_id: u32, from: Sender) {
-        if let Some(msg) = self.direction_for(path_id, crate::route::Side::Requester) {
-            self.send_answer(from, &msg);
-        }
-    }
-
     // -- Time --------------------------------------------------------------------------------------
 
     pub(super) fn peers_timeout<R: RngCore + CryptoRng>(&mut self, now: Time, rng: &mut R) {
@@ -788,15 +797,15 @@ impl DirectionCoordinator {
             }
         }
         self.peers.seen.retain(|_, (until, _, _)| *until > now);
-        let stale: Vec<usize> = self
+        let (stale, kept): (Vec<Waiting>, Vec<Waiting>) = self
             .peers
             .waiting
-            .iter()
-            .filter(|w| w.since + WAIT_LIMIT <= now)
-            .map(|w| w.peer)
-            .collect();
-        for peer in stale {
-            self.fail_waiting(now, peer, ErrorCode::Unavailable);
+            .drain(..)
+            .partition(|w| w.since + WAIT_LIMIT <= now);
+        self.peers.waiting = kept;
+        for w in stale {
+            let e = error_msg(ErrorCode::Unavailable, MessageType::DirectionRequest);
+            self.answer_direction(now, w.from, e);
         }
     }
 }
