@@ -538,7 +538,7 @@ impl Node {
         *b = if b.is_zero() {
             t.retry_initial
         } else {
-            (*b * 2).min(t.retry_max)
+            b.saturating_mul(2).min(t.retry_max)
         };
         *b
     }
@@ -792,6 +792,9 @@ impl Node {
         rebuild_path_id: u32,
         rng: &mut R,
     ) {
+        if self.lookups.contains_key(&peer) {
+            return; // one DIRECTION_REQUEST per peer at a time; its answer serves this too
+        }
         if self.lookups.len() >= self.config.limits.max_pending {
             self.event(NodeEvent::Error(NodeError::Direction {
                 peer,
@@ -903,8 +906,16 @@ impl Node {
                 .tunnels
                 .get(&rd.path_id)
                 .is_some_and(|t| same(t.dc_txid, &t.credential));
+        // Only the answer to this node's own DIRECTION_REQUEST ends its lookup; a direction the
+        // peer's request caused leaves it to its own answer.
+        let answers_lookup = self
+            .lookups
+            .get(&rd.peer_fqdn)
+            .is_some_and(|l| l.tx.txid() == txid);
         if known {
-            self.lookups.remove(&rd.peer_fqdn);
+            if answers_lookup {
+                self.lookups.remove(&rd.peer_fqdn);
+            }
             self.send_to_dc(local, remote, &answer(None), txid);
             return;
         }
@@ -914,9 +925,26 @@ impl Node {
             self.send_to_dc(local, remote, &answer(Some(ErrorCode::PathIdInUse)), txid);
             return;
         }
+        // Room for it (a newer direction to the same peer replaces a pending one): else refuse
+        // it rather than ACK and drop it, so the DC does not count on it.
+        let replaces = self
+            .pending
+            .values()
+            .any(|p| p.rd.peer_fqdn == rd.peer_fqdn);
+        if rd.route != RouteKind::Offline
+            && !replaces
+            && self.pending.len() >= self.config.limits.max_pending
+        {
+            self.send_to_dc(local, remote, &answer(Some(ErrorCode::Unavailable)), txid);
+            return;
+        }
         self.send_to_dc(local, remote, &answer(None), txid);
         let peer = rd.peer_fqdn.clone();
-        let lookup = self.lookups.remove(&peer);
+        let lookup = if answers_lookup {
+            self.lookups.remove(&peer)
+        } else {
+            None
+        };
         if rd.route == RouteKind::Offline {
             self.queued.remove(&peer);
             self.remember_offline_key(&peer, rd.peer_public_key);
@@ -936,10 +964,6 @@ impl Node {
             .collect();
         for id in older {
             self.pending.remove(&id);
-        }
-        if self.pending.len() >= self.config.limits.max_pending {
-            self.drops.record(&DropReason::TableFull);
-            return;
         }
         let rebuild_of = lookup.map(|l| l.rebuild_path_id).filter(|p| *p != 0);
         self.start_pending(now, txid, rd, rebuild_of, rng);

@@ -129,6 +129,8 @@ pub(super) struct Tunnel {
     handshake: Option<Handshake>,
     /// The peer's candidate addresses for probing: the direction's, then its latest PATH_UPDATE's.
     candidates: Vec<SocketAddr>,
+    /// The addresses of the peer's latest accepted PATH_UPDATE (probed besides `candidates`).
+    update_addrs: Vec<SocketAddr>,
     probe_direct: bool,
     probes: Option<ProbeRound>,
     next_round: Option<Time>,
@@ -584,6 +586,11 @@ impl Node {
         txid: u32,
         initiator_ephemeral: [u8; 32],
     ) {
+        if self.tunnels.len() >= self.config.limits.max_tunnels {
+            // No room: do not answer (the initiator must not think the tunnel is up).
+            self.drops.record(&DropReason::TableFull);
+            return;
+        }
         let Some(p) = self.pending.remove(&path_id) else {
             return;
         };
@@ -688,6 +695,10 @@ impl Node {
             (&keys.responder_to_initiator, &keys.initiator_to_responder)
         };
         let peer = rd.peer_fqdn.clone();
+        if self.tunnels.len() >= self.config.limits.max_tunnels {
+            self.drops.record(&DropReason::TableFull);
+            return;
+        }
         // A newer tunnel to the same peer replaces the older one, kept a little for packets in
         // flight (spec/05 §5.7).
         let retire = now + self.config.timers.replaced_tunnel;
@@ -717,10 +728,6 @@ impl Node {
                 reason: DownReason::Replaced,
             });
         }
-        if self.tunnels.len() >= self.config.limits.max_tunnels {
-            self.drops.record(&DropReason::TableFull);
-            return;
-        }
         let probe_direct = rd.probe_direct && relay.is_some();
         let tunnel = Tunnel {
             dc_txid,
@@ -745,6 +752,7 @@ impl Node {
                 .iter()
                 .map(|a| a.socket_addr())
                 .collect(),
+            update_addrs: Vec::new(),
             probe_direct,
             probes: probe_direct.then(|| ProbeRound {
                 next: now,
@@ -914,12 +922,13 @@ impl Node {
                         let newer = t.last_update_seq.is_none_or(|s| seq > s);
                         if newer {
                             t.last_update_seq = Some(seq);
-                            for a in u.local_addrs.as_slice() {
-                                let a = a.socket_addr();
-                                if !t.candidates.contains(&a) && t.candidates.len() < 16 {
-                                    t.candidates.push(a);
-                                }
-                            }
+                            // The latest PATH_UPDATE's addresses replace the previous ones.
+                            t.update_addrs = u
+                                .local_addrs
+                                .as_slice()
+                                .iter()
+                                .map(|a| a.socket_addr())
+                                .collect();
                             let moves = !via_relay
                                 && (matches!(t.path, TunnelPath::Direct(_))
                                     || u.reason == PathUpdateReason::RouteOptimization);
@@ -1072,6 +1081,8 @@ impl Node {
         rng: &mut R,
     ) {
         let cfg = self.config.retransmit;
+        // The peer's next packet builds a new tunnel instead of going into this one.
+        self.by_vaddr.retain(|_, id| *id != path_id);
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
@@ -1217,6 +1228,7 @@ impl Node {
         t.last_data = now;
         t.last_received = now;
         t.stats.packets_received += 1;
+        t.missed = 0;
         t.stats.bytes_received += inner.len() as u64;
         Ok(Received::Packet(range))
     }
@@ -1546,7 +1558,7 @@ impl Node {
             }
         }
         if t.retire_at.is_some_and(|r| r <= now) {
-            self.tunnels.remove(&path_id);
+            self.remove_tunnel(path_id, DownReason::Replaced);
             return;
         }
         if t.handshake.as_ref().is_some_and(|h| h.until <= now) {
@@ -1589,7 +1601,22 @@ impl Node {
         if let Some(u) = t.update.as_mut() {
             if u.give_up_at <= now {
                 let first = !u.retry_only;
+                let optimization = matches!(
+                    &u.msg,
+                    Message::PathUpdate(p) if p.reason == PathUpdateReason::RouteOptimization
+                );
                 t.update = None;
+                if first && optimization {
+                    // The direct path found by probing did not carry the PATH_UPDATE: back to
+                    // the relay, whose binding is still live (spec/05 §5.10).
+                    let rs = t.relay.as_ref().map(|r| r.rs);
+                    let local =
+                        rs.and_then(|rs| own.iter().copied().find(|l| l.is_ipv6() == rs.is_ipv6()));
+                    if let (Some(rs), Some(local)) = (rs, local) {
+                        self.demote(now, path_id, local, rs, rng);
+                        return;
+                    }
+                }
                 // An unacknowledged PATH_UPDATE is tried again now and then while the tunnel
                 // stays: until the peer hears of it, it sends to the old address.
                 t.move_unconfirmed = Some(now + timers.move_retry);
@@ -1669,7 +1696,13 @@ impl Node {
                 }
                 .into();
                 let rs = t.relay.as_ref().map(|r| r.rs);
-                for c in t.candidates.clone() {
+                let mut probe_to = t.candidates.clone();
+                for a in &t.update_addrs {
+                    if !probe_to.contains(a) {
+                        probe_to.push(*a);
+                    }
+                }
+                for c in probe_to {
                     if own.iter().any(|l| l.ip() == c.ip()) || Some(c) == rs {
                         continue;
                     }
