@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use common::world::{node_name, World, WorldSetup, NAT_LINK};
 use common::{ms, Drive, INTERNET_LINK, ONE_WAY};
-use ntm_state::node::{NodeEvent, TunnelPath};
+use ntm_state::node::{NodeEvent, SendError, TunnelPath};
 use ntm_state::sim::{Mapping, Stack};
 use ntm_wire::{MessageType, RouteReason};
 
@@ -985,6 +985,52 @@ fn idle_expiry_close_and_rebuild_on_the_next_packet() {
     w.run_for(Duration::from_millis(200));
     assert!(w.nodes[mn].node.tunnels().is_empty(), "{}", w.context());
     assert!(w.nodes[cn].node.tunnels().is_empty(), "{}", w.context());
+}
+
+/// A data key is used for at most `key_packet_limit` packets (spec/07: AES-GCM's limit): the
+/// sender then closes the tunnel (TUNNEL_CLOSE Error) and its next packet builds a new one with
+/// fresh keys; the stream goes on.
+#[test]
+fn a_used_up_data_key_replaces_the_tunnel() {
+    let mut w = World::new(&WorldSetup::new(18));
+    w.key_packet_limit = Some(50);
+    let internet = w.internet;
+    let (mn, cn) = (
+        w.add_node(internet, INTERNET_LINK),
+        w.add_node(internet, INTERNET_LINK),
+    );
+    up(&mut w, &[mn, cn]);
+    w.connect(mn, cn, Duration::from_secs(5));
+    let first = w.nodes[mn]
+        .node
+        .tunnel(&w.nodes[cn].fqdn)
+        .expect("tunnel")
+        .path_id;
+    let mut refused = 0;
+    for n in 0..120 {
+        match w.send_v4(mn, cn, format!("n{n}").as_bytes()) {
+            Ok(()) | Err(SendError::Queued) => {}
+            Err(SendError::KeyExhausted) => refused += 1,
+            Err(e) => panic!("{e:?}\n{}", w.context()),
+        }
+        w.run_for(Duration::from_millis(20));
+    }
+    // 120 packets under a 50-packet limit: the first key and its replacement are each used up.
+    assert_eq!(
+        refused,
+        2,
+        "one packet meets each used-up key\n{}",
+        w.context()
+    );
+    let second = w.nodes[mn]
+        .node
+        .tunnel(&w.nodes[cn].fqdn)
+        .expect("tunnel")
+        .path_id;
+    assert_ne!(first, second);
+    // Every packet but the refused one arrives (some waited in the queue for the new tunnel).
+    let got = w.nodes[cn].payloads().len();
+    assert!(got >= 110, "{got} arrived\n{}", w.context());
 }
 
 /// The DC answers DNS for its zone on port 53 in the simulator: a node's virtual addresses for

@@ -316,7 +316,6 @@ impl DirectionCoordinator {
     }
 
     /// The node information another DC is told (spec/03 §3.5, spec/06 §6.1).
-    #[allow(dead_code)]
     pub(super) fn node_info(&self, idx: u32) -> Option<NodeInfo> {
         let node = self.node(idx)?;
         let v = self.config.pools.pair(node.pair)?;

@@ -1,8 +1,9 @@
-//! The direction coordinator (DC) as a sans-IO state machine. So far its registry: the node↔DC
-//! keys the AS hands it at login (spec/05-procedures.md §5.2 steps 4-5), registration and its
-//! upkeep (§5.2 steps 7 and 10, §5.4) and the DC's side of NAT detection (§5.3). Directions,
-//! routes, relays, the NS and CS hand-offs and DNS come later; each will be one more table in
-//! [`DirectionCoordinator`] and one more arm in its dispatch, reading the registry built here.
+//! The direction coordinator (DC) as a sans-IO state machine: its registry (this module) of the
+//! node↔DC keys the AS hands it at login (spec/05-procedures.md §5.2 steps 4-5), registration
+//! and its upkeep (§5.2 steps 7 and 10, §5.4) and the DC's side of NAT detection (§5.3); its
+//! directions, routes and relays (`directions`, §5.5-5.6, §5.9.2, spec/06); other DCs, found by
+//! DNS and keyed by bootstrap (`peers`, §5.5.1, §5.5.3, §5.12); the NS and CS hand-offs
+//! (`servers`, §5.4, §5.5.4, §5.14); and DNS for its zone (§5.12).
 //!
 //! ```text
 //! AS                        DC                               node

@@ -141,6 +141,10 @@ pub struct NodeLimits {
     pub max_cache_stores: usize,
     pub max_queued_transmits: usize,
     pub max_queued_events: usize,
+    /// DATA packets sent under one key before the tunnel is closed and rebuilt with fresh keys:
+    /// spec/07's hard stop, 2^23 + 2^20 (AES-GCM's confidentiality limit with a margin; an
+    /// in-place rekey, spec/05 §5.15, is not implemented yet).
+    pub key_packet_limit: u64,
 }
 
 impl Default for NodeLimits {
@@ -155,6 +159,7 @@ impl Default for NodeLimits {
             max_cache_stores: 16,
             max_queued_transmits: 1024,
             max_queued_events: 1024,
+            key_packet_limit: (1 << 23) + (1 << 20),
         }
     }
 }
@@ -359,7 +364,8 @@ pub enum SendError {
     QueueFull,
     /// The output buffer is too small.
     BufferTooSmall,
-    /// The tunnel's send key is used up; the tunnel is being closed.
+    /// The tunnel's send key reached its packet limit; the tunnel is being closed and the next
+    /// packet builds a new one.
     KeyExhausted,
 }
 

@@ -21,6 +21,9 @@ use super::{inner_addrs, DownReason, Node, NodeError, NodeEvent, Received, SendE
 use crate::signaling::{DropReason, Expiry, SignalingKey, Transaction, Transmit};
 use crate::time::Time;
 
+/// How long the RS keeps a binding without traffic or RELAY_BIND (spec/05 §5.6).
+const RELAY_BINDING_LIFE: Duration = Duration::from_secs(120);
+
 /// One side's binding at the RS of a relayed path.
 pub(super) struct RelayLeg {
     /// The RS address of our family.
@@ -148,6 +151,8 @@ pub(super) struct Tunnel {
     retire_at: Option<Time>,
     /// Lost the lower-Path-ID rule against a tunnel to the same peer: close it.
     close_wanted: bool,
+    /// Its send key reached `NodeLimits::key_packet_limit`: close it (TUNNEL_CLOSE(Error)).
+    key_used_up: bool,
     /// A handover PATH_UPDATE the peer never acknowledged: when to send another.
     move_unconfirmed: Option<Time>,
     established: Time,
@@ -771,6 +776,7 @@ impl Node {
             missed: 0,
             retire_at: loses.then_some(retire),
             close_wanted: loses,
+            key_used_up: false,
             move_unconfirmed: None,
             established: now,
             replacement,
@@ -1149,7 +1155,11 @@ impl Node {
             return Err(SendError::BufferTooSmall);
         };
         slot.copy_from_slice(packet);
-        if t.send_counter >= ntm_wire::replay::REJECT_AFTER_COUNTER {
+        if t.send_counter >= self.config.limits.key_packet_limit {
+            // AES-GCM's confidentiality limit for one key (spec/07 §7.2). Without an in-place
+            // rekey (spec/05 §5.15, not implemented yet) the tunnel is closed and the next
+            // packet builds a new one with fresh keys.
+            t.key_used_up = true;
             return Err(SendError::KeyExhausted);
         }
         let n = seal_data(
@@ -1395,7 +1405,7 @@ impl Node {
             }
         }
         for tun in self.tunnels.values() {
-            if tun.close_wanted && tun.close.is_none() {
+            if (tun.close_wanted || tun.key_used_up) && tun.close.is_none() {
                 take(Time::ZERO, "closing the duplicate tunnel");
             }
             if let Some(r) = tun.retire_at {
@@ -1550,10 +1560,16 @@ impl Node {
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
-        if t.close_wanted {
+        if t.close_wanted || t.key_used_up {
+            let reason = if t.key_used_up {
+                CloseReason::Error
+            } else {
+                CloseReason::Normal
+            };
             t.close_wanted = false;
+            t.key_used_up = false;
             if t.close.is_none() {
-                self.send_close(now, path_id, CloseReason::Normal, rng);
+                self.send_close(now, path_id, reason, rng);
                 return;
             }
         }
@@ -1735,7 +1751,13 @@ impl Node {
                 t.missed = t.missed.saturating_add(1);
                 if t.missed >= timers.missed_replies {
                     t.missed = 0;
-                    let relay = t.relay.as_ref().map(|r| r.rs);
+                    // Back to the relay only while its binding is live (the RS forgets a side
+                    // 120 s after its last use, spec/05 §5.6); else a rebuild (spec/05 §5.10).
+                    let relay = t
+                        .relay
+                        .as_ref()
+                        .filter(|r| r.last_used + RELAY_BINDING_LIFE > now)
+                        .map(|r| r.rs);
                     let direct = matches!(t.path, TunnelPath::Direct(_));
                     let peer = t.peer.clone();
                     match (direct, relay) {

@@ -150,6 +150,8 @@ pub struct World {
     pub domain2: Option<Domain2>,
     /// Datagrams delivered to hosts that run no machine (a test's own stub).
     pub stray: Vec<Delivery>,
+    /// Nodes added from now on get this `NodeLimits::key_packet_limit`.
+    pub key_packet_limit: Option<u64>,
     by_host: BTreeMap<HostId, usize>,
 }
 
@@ -254,6 +256,7 @@ impl World {
             dc_events: Vec::new(),
             domain2: None,
             stray: Vec::new(),
+            key_packet_limit: None,
             by_host: BTreeMap::new(),
         }
     }
@@ -443,11 +446,14 @@ impl World {
             min_iterations: ITERATIONS,
             ..LoginConfig::new(account, self.server.public_key(), as_addr)
         };
-        let config = NodeConfig::new(
+        let mut config = NodeConfig::new(
             login,
             local,
             SecretKey::from_bytes([0x40 + index as u8; 32]),
         );
+        if let Some(limit) = self.key_packet_limit {
+            config.limits.key_packet_limit = limit;
+        }
         let node = Node::new(config, PASSWORD).expect("node config");
         self.nodes.push(NodeHost {
             index,
