@@ -4,8 +4,9 @@
 //!
 //! Every function asserts the wire contract on what it decodes (decode then encode reproduces the
 //! input; sealing then opening gives the message back); a violated assertion is a finding.
-//! [`as_server_ops`] and [`dc_ops`] drive the state machines of `ntm-state` with sequences of
-//! [`ops`] and assert their contract and bounds after each operation.
+//! [`as_server_ops`], [`dc_ops`], [`rs_ops`] and [`node_ops`] drive the state machines of
+//! `ntm-state` with sequences of [`ops`] and assert their contract and bounds after each
+//! operation.
 
 use arbitrary::{Arbitrary, Unstructured};
 use ntm_wire::message::EphemeralRule;
@@ -40,6 +41,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("roundtrip", roundtrip),
     ("as_server_ops", as_server_ops),
     ("dc_ops", dc_ops),
+    ("rs_ops", rs_ops),
+    ("node_ops", node_ops),
 ];
 
 /// Any datagram a node or server can receive: classify, then open or decode it like a receiver.
@@ -210,7 +213,12 @@ pub fn roundtrip(data: &[u8]) {
 // authentication; after each operation it drains events and transmits and checks the machine's
 // contract and bounds.
 
+pub use node_ops::{node_ops, node_ops_strict};
+pub use rs_ops::rs_ops;
 pub use state::{as_server_ops, dc_ops, MAX_OPS, MAX_RAW_LEN};
+
+mod node_ops;
+mod rs_ops;
 
 /// The operations the state-machine targets decode from their input (with `arbitrary`), after an
 /// 8-byte RNG seed. Public so that seed inputs can be built and checked outside the harness.
@@ -446,6 +454,204 @@ pub mod ops {
         Day,
         Secs(u16),
     }
+
+    /// One operation on the relay server.
+    #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
+    pub enum RsOp {
+        /// Any bytes (at most `MAX_RAW_LEN`) from anywhere, to RS address `local` (modulo 2).
+        Raw {
+            from: Endpoint,
+            local: u8,
+            data: Vec<u8>,
+        },
+        /// A RELAY_REQUEST sealed by the harness as DC `dc` (0 or 1; any other value: under a
+        /// key ID the RS does not have).
+        Request {
+            dc: u8,
+            path: PathChoice,
+            lifetime: Lifetime,
+            /// 0 asks for the RS's default rate.
+            rate_kbps: u16,
+            /// A retransmission of the last RELAY_REQUEST for this Path ID (same DC, transaction
+            /// and K_rel, a new seal); without one, a new request with a fresh K_rel.
+            again: bool,
+            txid: u32,
+            /// `None`: the DC's address.
+            source: Option<Source>,
+            local: u8,
+        },
+        /// A RELAY_BIND of side A (B when `b`) under the K_rel of the path's live authorization
+        /// (or a K_rel the RS never got, when there is none).
+        Bind {
+            path: PathChoice,
+            b: bool,
+            from: Endpoint,
+            local: u8,
+            /// Sequence numbers skipped before this seal.
+            skip: Option<u8>,
+            /// Sealed but not delivered: kept for a later `Replay` (late delivery).
+            hold: bool,
+            txid: u32,
+        },
+        /// A DATA packet for the path with `len % 1400` inner bytes (the RS cannot open it).
+        Data {
+            path: PathChoice,
+            from: Endpoint,
+            local: u8,
+            len: u16,
+            counter: u8,
+            /// Through `handle_datagram` (the outbox) instead of `relay`.
+            outbox: bool,
+        },
+        /// A signaling message for the path: `msg_type` indexes a list of forwarded and other
+        /// types (one past it: an unsealed ERROR), `role` the envelope's role (modulo 3), and
+        /// the body is made from `body` with `arbitrary`. Sealed under a K_tun only the ends
+        /// hold.
+        Signal {
+            path: PathChoice,
+            from: Endpoint,
+            local: u8,
+            msg_type: u8,
+            role: u8,
+            body: Vec<u8>,
+            outbox: bool,
+        },
+        /// An earlier datagram (delivered or held) again, byte for byte.
+        Replay {
+            index: u8,
+            /// `None`: from where it first came.
+            from: Option<Endpoint>,
+            local: u8,
+        },
+        /// An earlier datagram with one byte changed (`xor` 0 counts as 1).
+        Mutate {
+            index: u8,
+            pos: u16,
+            xor: u8,
+        },
+        Advance(Step),
+    }
+
+    /// A Path ID.
+    #[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum PathChoice {
+        /// One of a few fixed Path IDs (modulo their number; 0 is among them).
+        Known(u8),
+        Any(u32),
+    }
+
+    /// One operation on a node that is logged in and registered.
+    #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
+    pub enum NodeOp {
+        /// Any bytes (at most `MAX_RAW_LEN`) from any address, to local address `local`.
+        Raw {
+            source: Source,
+            local: u8,
+            data: Vec<u8>,
+        },
+        /// A ROUTE_DIRECTION sealed by the harness as the DC, under K_nd.
+        Direction {
+            /// Indexes the harness's peers (modulo their number).
+            peer: u8,
+            path: PathChoice,
+            /// Indexes `RouteKind::ALL`.
+            route: u8,
+            /// The node is the initiator (else the responder).
+            initiator: bool,
+            /// Indexes `RouteReason::ALL`.
+            reason: u8,
+            /// How many peer addresses (modulo 4).
+            peer_addrs: u8,
+            /// How many relay addresses (modulo 3: none, IPv4, both families).
+            relay_addrs: u8,
+            /// Whether a K_rel is given (else it follows the route: relayed routes have one).
+            relay_key: Option<bool>,
+            probe_direct: bool,
+            /// `None`: the transaction of the last ROUTE_DIRECTION (a retransmission, with the
+            /// same credentials).
+            txid: Option<u32>,
+        },
+        /// The peer's side of the handshake on direction `index` (modulo those given): a
+        /// TUNNEL_REQUEST when the node responds, a TUNNEL_RESPONSE to the node's request.
+        Handshake {
+            index: u8,
+            /// From where the direction says the peer (or the relay) is; else from this.
+            from: Option<Source>,
+            /// A low-order ephemeral key instead of a fresh one.
+            low_order: bool,
+            hold: bool,
+        },
+        /// As the RS: ACK (or ERROR PeerNotBound when `refuse`) the node's last RELAY_BIND or
+        /// request on direction `index`.
+        RelayAnswer {
+            index: u8,
+            refuse: bool,
+        },
+        /// A DATA packet from the peer of direction `index` under the keys the harness derived.
+        Data {
+            index: u8,
+            v6: bool,
+            /// Which inner addresses: peer → node, or wrong source, or wrong destination.
+            inner: u8,
+            len: u16,
+            /// `None`: the next counter.
+            counter: Option<u8>,
+            from: Option<Source>,
+        },
+        /// A control message of the peer under K_ctrl (keep-alive, reply, PATH_UPDATE,
+        /// TUNNEL_CLOSE, ACK, ERROR, picked by `kind`).
+        Control {
+            index: u8,
+            kind: u8,
+            reply: bool,
+            txid: Option<u32>,
+            from: Option<Source>,
+            hold: bool,
+        },
+        /// As the DC: answers the node's last REGISTRATION_REQUEST (ERROR with code
+        /// `ErrorCode::ALL[code]` when `code` is some), or its last DIRECTION_REQUEST with
+        /// ERROR NotFound.
+        DcAnswer {
+            registration: bool,
+            code: Option<u8>,
+        },
+        /// The application asks for a tunnel to peer `peer`.
+        Resolve {
+            peer: u8,
+        },
+        /// The application sends a virtual packet.
+        Encapsulate {
+            peer: u8,
+            v6: bool,
+            /// The node's own virtual source (else a wrong one).
+            own_source: bool,
+            len: u16,
+        },
+        /// The node's addresses change to the subset `mask` of a few addresses.
+        AddressChange {
+            mask: u8,
+        },
+        Replay {
+            index: u8,
+            source: Option<Source>,
+        },
+        Mutate {
+            index: u8,
+            pos: u16,
+            xor: u8,
+        },
+        Advance(Step),
+    }
+
+    /// Where a datagram comes from, relative to a path.
+    #[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Endpoint {
+        /// Where side A (B when true) is bound now; its home when unbound.
+        Bound(bool),
+        /// The home of end A (IPv4) or end B (IPv6).
+        Home(bool),
+        Source(Source),
+    }
 }
 
 mod state {
@@ -488,18 +694,18 @@ mod state {
     /// tried too).
     pub const MAX_RAW_LEN: usize = 1500;
     /// The buffer `poll_transmit` writes into, as a runtime's would be.
-    const TRANSMIT_BUF: usize = 1500;
+    pub(super) const TRANSMIT_BUF: usize = 1500;
     /// Timer firings per time step, at most; more means a timer that keeps re-arming itself.
-    const MAX_TIMER_STEPS: usize = 1024;
+    pub(super) const MAX_TIMER_STEPS: usize = 1024;
     /// Clients with their own ephemeral key per input, at most (each costs X25519 work).
     const MAX_CLIENTS: usize = 6;
     /// Nodes the DC harness holds keys for, at most.
     const MAX_NODE_ENDS: usize = 8;
     /// Datagrams kept for `Replay` and `Mutate`.
-    const MAX_HISTORY: usize = 64;
+    pub(super) const MAX_HISTORY: usize = 64;
 
     /// Reads the RNG seed and up to [`MAX_OPS`] operations.
-    fn decode<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> (u64, Vec<T>) {
+    pub(super) fn decode<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> (u64, Vec<T>) {
         let mut u = Unstructured::new(data);
         let seed = u64::arbitrary(&mut u).unwrap_or(0);
         let mut ops = Vec::new();
@@ -514,7 +720,7 @@ mod state {
 
     /// What failure messages start with: the operation's index and fields, a raw datagram
     /// by its length only (formatting every byte for every operation would slow the fuzzer).
-    fn describe<T: core::fmt::Debug>(
+    pub(super) fn describe<T: core::fmt::Debug>(
         i: usize,
         op: &T,
         raw: impl Fn(&T) -> Option<(Source, usize)>,
@@ -525,16 +731,16 @@ mod state {
         }
     }
 
-    fn v4(a: [u8; 4], port: u16) -> SocketAddr {
+    pub(super) fn v4(a: [u8; 4], port: u16) -> SocketAddr {
         SocketAddr::from((a, port))
     }
 
-    fn v6(s: &str, port: u16) -> SocketAddr {
+    pub(super) fn v6(s: &str, port: u16) -> SocketAddr {
         SocketAddr::new(s.parse::<IpAddr>().expect("a literal address"), port)
     }
 
     /// The fixed sources: `peer` (the other server) and `own` (the machine's own address) last.
-    fn known_sources(peer: SocketAddr, own: SocketAddr) -> [SocketAddr; 8] {
+    pub(super) fn known_sources(peer: SocketAddr, own: SocketAddr) -> [SocketAddr; 8] {
         [
             v4([198, 51, 100, 10], 5000),
             v4([198, 51, 100, 11], 5000),
@@ -547,7 +753,7 @@ mod state {
         ]
     }
 
-    fn resolve(s: Source, known: &[SocketAddr; 8]) -> SocketAddr {
+    pub(super) fn resolve(s: Source, known: &[SocketAddr; 8]) -> SocketAddr {
         match s {
             Source::Known(i) => known[usize::from(i) % known.len()],
             Source::V4(a, p) => SocketAddr::from((Ipv4Addr::from(a), p)),
@@ -555,7 +761,7 @@ mod state {
         }
     }
 
-    fn step(s: Step) -> Duration {
+    pub(super) fn step(s: Step) -> Duration {
         match s {
             Step::Millis(ms) => Duration::from_millis(u64::from(ms)),
             Step::Seconds(s) => Duration::from_secs(u64::from(s % 4000)),
@@ -563,7 +769,7 @@ mod state {
     }
 
     /// Checks a transmitted datagram's form; its header when it parses.
-    fn check_form(what: &str, d: &[u8]) -> Header {
+    pub(super) fn check_form(what: &str, d: &[u8]) -> Header {
         assert!(
             d.len() <= MAX_SIGNALING_LEN,
             "{what}: a {}-byte datagram exceeds {MAX_SIGNALING_LEN}",
@@ -585,7 +791,7 @@ mod state {
     }
 
     /// A 32-byte key from `rng`.
-    fn fresh_key(rng: &mut ChaCha8Rng) -> [u8; 32] {
+    pub(super) fn fresh_key(rng: &mut ChaCha8Rng) -> [u8; 32] {
         let mut k = [0u8; 32];
         rng.fill_bytes(&mut k);
         k
