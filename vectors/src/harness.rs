@@ -213,7 +213,7 @@ pub fn roundtrip(data: &[u8]) {
 // authentication; after each operation it drains events and transmits and checks the machine's
 // contract and bounds.
 
-pub use node_ops::{node_ops, node_ops_strict};
+pub use node_ops::node_ops;
 pub use rs_ops::rs_ops;
 pub use state::{as_server_ops, dc_ops, MAX_OPS, MAX_RAW_LEN};
 

@@ -1072,12 +1072,11 @@ impl Node {
     /// virtual MTU plus 32).
     pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
         while let Some(t) = self.outbox.poll_transmit(buf) {
-            // Queued before an address change: never send from an address the node lost.
+            // Queued before an address change: never send from an address the node lost (every
+            // datagram the node queues names its socket).
             match t.src {
-                Some(src) if !self.config.local_addrs.contains(&src) => {
-                    self.drops.record(&DropReason::Unexpected);
-                }
-                _ => return Some(t),
+                Some(src) if self.config.local_addrs.contains(&src) => return Some(t),
+                _ => self.drops.record(&DropReason::Unexpected),
             }
         }
         if let Some(t) = self.login.poll_transmit(now, buf) {

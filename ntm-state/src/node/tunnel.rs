@@ -1673,19 +1673,26 @@ impl Node {
             if let Some(b) = leg.bind.as_mut() {
                 match b.on_timeout(now, &cfg, rng) {
                     Expiry::Retransmit => {
+                        let local = own
+                            .iter()
+                            .copied()
+                            .find(|l| l.is_ipv6() == leg.rs.is_ipv6());
                         let txid = b.txid();
                         let msg: Message = RelayBind {
                             extensions: Extensions::none(),
                         }
                         .into();
-                        if let Some(d) =
-                            crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None))
-                        {
-                            let local = own
-                                .iter()
-                                .copied()
-                                .find(|l| l.is_ipv6() == leg.rs.is_ipv6());
-                            self.outbox.push(local, leg.rs, d);
+                        match local {
+                            // No address of the RS's family left (the node moved): this bind
+                            // cannot be sent; the tunnel's rebuild takes over.
+                            None => leg.bind = None,
+                            Some(local) => {
+                                if let Some(d) =
+                                    crate::signaling::sealed(leg.key.seal_to_vec(&msg, txid, None))
+                                {
+                                    self.outbox.push(Some(local), leg.rs, d);
+                                }
+                            }
                         }
                     }
                     Expiry::Failed => leg.bind = None,

@@ -219,8 +219,6 @@ struct NodeBench {
     history: Vec<Sent>,
     /// The node is being set up: the AS and the harness's DC answer at once.
     setup: bool,
-    /// Whether the known finding fails the input (see [`node_ops_strict`]).
-    strict: bool,
 }
 
 /// Runs up to `MAX_OPS` operations against a [`Node`] logged in (with a real
@@ -233,22 +231,8 @@ struct NodeBench {
 /// number of firings at one instant reaches a later deadline); the tunnel table stays within
 /// its limit.
 pub fn node_ops(data: &[u8]) {
-    run(data, false)
-}
-
-/// [`node_ops`] without tolerating the known finding: a RELAY_BIND retransmitted on an
-/// established relayed tunnel after the node lost its address of the relay's family leaves with
-/// no source address (`Transmit::src == None`) instead of not at all
-/// (ntm-state/src/node/tunnel.rs, the RELAY_BIND retransmission in the tunnel timers). For the
-/// regression input that pins it; [`node_ops`] lets it pass so that fuzzing goes on past it.
-pub fn node_ops_strict(data: &[u8]) {
-    run(data, true)
-}
-
-fn run(data: &[u8], strict: bool) {
     let (seed, ops) = decode::<NodeOp>(data);
     let mut b = NodeBench::new(seed);
-    b.strict = strict;
     for (i, op) in ops.into_iter().enumerate() {
         let what = describe(i, &op, |op| match op {
             NodeOp::Raw { source, data, .. } => Some((*source, data.len())),
@@ -299,7 +283,6 @@ impl NodeBench {
             directions: Vec::new(),
             history: Vec::new(),
             setup: true,
-            strict: false,
         };
         b.node.start(b.now, &mut b.rng);
         b.drain("setup");
@@ -859,8 +842,6 @@ impl NodeBench {
                 "{what}: a datagram to {dst} from {s}, not a current address ({:?})",
                 self.locals
             ),
-            // The known finding (see node_ops_strict).
-            None if !self.strict && rs_addrs().contains(&dst) => {}
             None => assert_eq!(dst, as_addr(), "{what}: no source for a datagram to {dst}"),
         }
     }
