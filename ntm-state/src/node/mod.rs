@@ -232,6 +232,15 @@ pub enum TunnelPath {
     Relay(SocketAddr),
 }
 
+impl TunnelPath {
+    /// Where the tunnel's datagrams go: the peer, or the RS.
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
+        }
+    }
+}
+
 /// Why a tunnel went down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DownReason {

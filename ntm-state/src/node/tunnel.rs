@@ -1036,9 +1036,7 @@ impl Node {
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
-        let dst = match t.path {
-            TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
-        };
+        let dst = t.path.addr();
         let rto = self.rtt.rto(dst, &cfg);
         let txid = rng.next_u32();
         let tx = Transaction::start(now, txid, MessageType::PathUpdate, dst, rto, &cfg, rng);
@@ -1092,9 +1090,7 @@ impl Node {
         let Some(t) = self.tunnels.get_mut(&path_id) else {
             return;
         };
-        let dst = match t.path {
-            TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
-        };
+        let dst = t.path.addr();
         let txid = rng.next_u32();
         let rto = self.rtt.rto(dst, &cfg);
         let msg: Message = TunnelClose {
@@ -1175,9 +1171,7 @@ impl Node {
         t.last_sent = now;
         t.stats.packets_sent += 1;
         t.stats.bytes_sent += packet.len() as u64;
-        let dst_addr = match t.path {
-            TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
-        };
+        let dst_addr = t.path.addr();
         if let (TunnelPath::Relay(_), Some(leg)) = (t.path, t.relay.as_mut()) {
             leg.last_used = now;
         }
@@ -1258,9 +1252,7 @@ impl Node {
                 continue;
             };
             let relay_rs = t.relay.as_ref().map(|r| r.rs);
-            let dst = match t.path {
-                TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
-            };
+            let dst = t.path.addr();
             let peer = t.peer.clone();
             let on_relay = matches!(t.path, TunnelPath::Relay(_));
             let Some(local) = self.socket_for(dst) else {
@@ -1747,9 +1739,7 @@ impl Node {
             });
         }
         // Keep-alives and path failure (spec/05 §5.16).
-        let dst = match t.path {
-            TunnelPath::Direct(a) | TunnelPath::Relay(a) => a,
-        };
+        let dst = t.path.addr();
         if let Some(k) = &t.keepalive {
             if k.deadline <= now {
                 t.keepalive = None;
