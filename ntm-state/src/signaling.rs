@@ -364,6 +364,16 @@ impl SignalingKey {
     }
 }
 
+/// The first [`AddrList::MAX`] of `addrs` as an address list.
+pub fn addr_list(addrs: &[SocketAddr]) -> ntm_wire::AddrList {
+    let list: Vec<ntm_wire::TransportAddr> = addrs
+        .iter()
+        .take(ntm_wire::AddrList::MAX)
+        .map(|a| ntm_wire::TransportAddr::new(*a))
+        .collect();
+    ntm_wire::AddrList::new(list).unwrap_or_else(|_| ntm_wire::AddrList::empty())
+}
+
 /// Logs a datagram that could not be sealed: a key that went away meanwhile is a warning; an
 /// exhausted key or a message that does not fit its envelope is a bug (ERROR).
 pub fn log_seal_failure(e: &SealError) {

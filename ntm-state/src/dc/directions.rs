@@ -30,7 +30,7 @@ use rand_core::{CryptoRng, RngCore};
 
 use super::{error_msg, DirectionCoordinator, Sender};
 use crate::route::{pick_relay, select_route, NodeView, RelayCandidate, RoutePlan, Side};
-use crate::signaling::{DropReason, Expiry, RttTable, SignalingKey, Transaction};
+use crate::signaling::{addr_list, DropReason, Expiry, RttTable, SignalingKey, Transaction};
 use crate::time::Time;
 
 /// How long an answered DIRECTION_REQUEST's outcome is kept for its retransmissions (spec/07).
@@ -243,15 +243,6 @@ fn random_key<R: RngCore + CryptoRng>(rng: &mut R) -> SecretKey {
     let mut k = [0u8; 32];
     rng.fill_bytes(&mut k);
     SecretKey::from_bytes(k)
-}
-
-fn addr_list(addrs: &[SocketAddr]) -> AddrList {
-    let list: Vec<TransportAddr> = addrs
-        .iter()
-        .take(AddrList::MAX)
-        .map(|a| TransportAddr::new(*a))
-        .collect();
-    AddrList::new(list).unwrap_or_else(|_| AddrList::empty())
 }
 
 impl DirectionCoordinator {

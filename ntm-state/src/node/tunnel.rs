@@ -8,17 +8,16 @@ use std::net::{IpAddr, SocketAddr};
 use ntm_wire::crypto::{tunnel_keys, x25519, x25519_public};
 use ntm_wire::data::VIRTUAL_MTU;
 use ntm_wire::{
-    open_data, seal_data, AddrList, AeadKey, CloseReason, DataPacket, ErrorCode, Extensions, Fqdn,
-    Header, Keepalive, KeepaliveReply, Message, MessageType, PathUpdate, PathUpdateReason,
-    RelayBind, ReplayWindow, Role, RouteDirection, RouteKind, RouteReason, SignalingPacket,
-    TransportAddr, TunnelClose, TunnelRequest, TunnelResponse, TunnelRole, DATA_HEADER_LEN,
-    DATA_OVERHEAD,
+    open_data, seal_data, AeadKey, CloseReason, DataPacket, ErrorCode, Extensions, Fqdn, Header,
+    Keepalive, KeepaliveReply, Message, MessageType, PathUpdate, PathUpdateReason, RelayBind,
+    ReplayWindow, Role, RouteDirection, RouteKind, RouteReason, SignalingPacket, TransportAddr,
+    TunnelClose, TunnelRequest, TunnelResponse, TunnelRole, DATA_HEADER_LEN, DATA_OVERHEAD,
 };
 use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use super::{inner_addrs, DownReason, Node, NodeError, NodeEvent, Received, SendError, TunnelPath};
-use crate::signaling::{DropReason, Expiry, SignalingKey, Transaction, Transmit};
+use crate::signaling::{addr_list, DropReason, Expiry, SignalingKey, Transaction, Transmit};
 use crate::time::Time;
 
 /// How long the RS keeps a binding without traffic or RELAY_BIND (spec/05 §5.6).
@@ -199,17 +198,6 @@ fn my_role(role: TunnelRole) -> Role {
     } else {
         Role::B
     }
-}
-
-fn addr_list(addrs: &[SocketAddr]) -> AddrList {
-    AddrList::new(
-        addrs
-            .iter()
-            .take(AddrList::MAX)
-            .map(|a| TransportAddr::new(*a))
-            .collect(),
-    )
-    .unwrap_or_else(|_| AddrList::empty())
 }
 
 /// How this end reports a tunnel it closed.
