@@ -106,20 +106,8 @@ fn place(w: &mut World, a: Access, name: &str) -> (SegmentId, std::time::Duratio
     let internet = w.internet;
     match a {
         Access::Dual => (internet, INTERNET_LINK),
-        Access::G4 => (
-            w.net
-                .sim
-                .segment(name, Stack::V4Only, Some(internet))
-                .expect("segment"),
-            INTERNET_LINK,
-        ),
-        Access::G6 => (
-            w.net
-                .sim
-                .segment(name, Stack::V6Only, Some(internet))
-                .expect("segment"),
-            INTERNET_LINK,
-        ),
+        Access::G4 => (w.segment(name, Stack::V4Only), INTERNET_LINK),
+        Access::G6 => (w.segment(name, Stack::V6Only), INTERNET_LINK),
         Access::Nat(m, f) => (w.nat_with(name, internet, m, f), NAT_LINK),
     }
 }

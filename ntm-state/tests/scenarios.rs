@@ -93,11 +93,7 @@ fn s01_login_and_registration() {
 fn s02_global_mn_to_natted_cn_is_direct_cn_first() {
     let mut w = World::new(&WorldSetup::new(2));
     let internet = w.internet;
-    let g4 = w
-        .net
-        .sim
-        .segment("g4", Stack::V4Only, Some(internet))
-        .expect("segment");
+    let g4 = w.segment("g4", Stack::V4Only);
     let home = w.nat_on("nat-cn", internet, Mapping::AddressAndPortDependent);
     let mn = w.add_node(g4, INTERNET_LINK);
     let cn = w.add_node(home, NAT_LINK);
@@ -285,11 +281,7 @@ fn s03_both_symmetric_stays_on_the_relay() {
 fn s04_ipv6_only_to_ipv4_only_through_a_dual_stack_relay() {
     let mut w = World::new(&WorldSetup::new(4));
     let internet = w.internet;
-    let v6 = w
-        .net
-        .sim
-        .segment("lte", Stack::V6Only, Some(internet))
-        .expect("segment");
+    let v6 = w.segment("lte", Stack::V6Only);
     let home = nat(&mut w, "nat-cn", internet, Mapping::EndpointIndependent);
     let mn = w.add_node(v6, INTERNET_LINK);
     let cn = w.add_node(home, NAT_LINK);
@@ -361,11 +353,7 @@ fn s06_cascaded_nats() {
         Mapping::AddressAndPortDependent,
     );
     let inner = nat(&mut w, "nat-cn1", outer, Mapping::EndpointIndependent);
-    let g4 = w
-        .net
-        .sim
-        .segment("g4", Stack::V4Only, Some(internet))
-        .expect("segment");
+    let g4 = w.segment("g4", Stack::V4Only);
     let mn = w.add_node(g4, INTERNET_LINK);
     let cn = w.add_node(inner, NAT_LINK);
     up(&mut w, &[mn, cn]);
@@ -554,17 +542,9 @@ fn s08_two_domains_relayed() {
 fn s09_handover_during_a_data_flow() {
     let mut w = World::new(&WorldSetup::new(9));
     let internet = w.internet;
-    let g4 = w
-        .net
-        .sim
-        .segment("g4", Stack::V4Only, Some(internet))
-        .expect("segment");
+    let g4 = w.segment("g4", Stack::V4Only);
     let home = nat(&mut w, "home", internet, Mapping::EndpointIndependent);
-    let lte = w
-        .net
-        .sim
-        .segment("lte", Stack::V6Only, Some(internet))
-        .expect("segment");
+    let lte = w.segment("lte", Stack::V6Only);
     let mn = w.add_node(g4, INTERNET_LINK);
     let cn = w.add_node(internet, INTERNET_LINK);
     up(&mut w, &[mn, cn]);
@@ -638,11 +618,7 @@ fn s08_two_domains_found_through_dns() {
     setup.accounts = 3;
     let mut w = World::two_domains(&setup);
     let internet = w.internet;
-    let g4 = w
-        .net
-        .sim
-        .segment("g4", Stack::V4Only, Some(internet))
-        .expect("segment");
+    let g4 = w.segment("g4", Stack::V4Only);
     let home = nat(&mut w, "nat-cn", internet, Mapping::EndpointIndependent);
     let mn = w.add_node(g4, INTERNET_LINK);
     let cn = w.add_node_dc2(0, home, NAT_LINK);
@@ -685,16 +661,8 @@ fn s08_two_domains_found_through_dns() {
 fn s10_both_ends_move_at_once() {
     let mut w = World::new(&WorldSetup::new(10));
     let internet = w.internet;
-    let g4a = w
-        .net
-        .sim
-        .segment("g4a", Stack::V4Only, Some(internet))
-        .expect("segment");
-    let g4b = w
-        .net
-        .sim
-        .segment("g4b", Stack::V4Only, Some(internet))
-        .expect("segment");
+    let g4a = w.segment("g4a", Stack::V4Only);
+    let g4b = w.segment("g4b", Stack::V4Only);
     let home_a = nat(&mut w, "nat-a", internet, Mapping::EndpointIndependent);
     let home_b = nat(&mut w, "nat-b", internet, Mapping::EndpointIndependent);
     let mn = w.add_node(g4a, INTERNET_LINK);
@@ -853,11 +821,7 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
         // 2: direct, the NATed target first.
         let mut w = World::new(&setup(2));
         let internet = w.internet;
-        let g4 = w
-            .net
-            .sim
-            .segment("g4", Stack::V4Only, Some(internet))
-            .expect("segment");
+        let g4 = w.segment("g4", Stack::V4Only);
         let home = nat(&mut w, "nat", internet, Mapping::AddressAndPortDependent);
         let (mn, cn) = (w.add_node(g4, INTERNET_LINK), w.add_node(home, NAT_LINK));
         pair_under_loss(&mut w, mn, cn);
@@ -873,11 +837,7 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
         // 4: IPv6-only to IPv4-only behind a NAT, through the dual-stack RS.
         let mut w = World::new(&setup(4));
         let internet = w.internet;
-        let v6 = w
-            .net
-            .sim
-            .segment("lte", Stack::V6Only, Some(internet))
-            .expect("segment");
+        let v6 = w.segment("lte", Stack::V6Only);
         let home = nat(&mut w, "nat", internet, Mapping::EndpointIndependent);
         let (mn, cn) = (w.add_node(v6, INTERNET_LINK), w.add_node(home, NAT_LINK));
         pair_under_loss(&mut w, mn, cn);
@@ -897,17 +857,9 @@ fn s14_every_scenario_completes_under_20_percent_loss() {
         // 9: handover to a NAT and to IPv6-only, data resuming after each.
         let mut w = World::new(&setup(9));
         let internet = w.internet;
-        let g4 = w
-            .net
-            .sim
-            .segment("g4", Stack::V4Only, Some(internet))
-            .expect("segment");
+        let g4 = w.segment("g4", Stack::V4Only);
         let home = nat(&mut w, "home", internet, Mapping::EndpointIndependent);
-        let lte = w
-            .net
-            .sim
-            .segment("lte", Stack::V6Only, Some(internet))
-            .expect("segment");
+        let lte = w.segment("lte", Stack::V6Only);
         let (mn, cn) = (
             w.add_node(g4, INTERNET_LINK),
             w.add_node(internet, INTERNET_LINK),
@@ -1168,11 +1120,7 @@ mod servers {
     fn s14_a_cn_reachable_only_through_its_ns_is_woken_and_the_tunnel_comes_up() {
         let mut s = ServersWorld::new(&WorldSetup::new(14), ONE_WAY);
         let internet = s.w.internet;
-        let g4 =
-            s.w.net
-                .sim
-                .segment("g4", Stack::V4Only, Some(internet))
-                .expect("segment");
+        let g4 = s.w.segment("g4", Stack::V4Only);
         let (nat, home) =
             s.w.net
                 .sim

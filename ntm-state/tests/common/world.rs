@@ -390,6 +390,15 @@ impl World {
         )
     }
 
+    /// An access network routed into the internet without NAT (e.g. IPv4-only, IPv6-only).
+    pub fn segment(&mut self, name: &str, stack: ntm_state::sim::Stack) -> SegmentId {
+        let internet = self.internet;
+        self.net
+            .sim
+            .segment(name, stack, Some(internet))
+            .expect("segment")
+    }
+
     /// A NAT on `outside` with this mapping (filtering address-and-port dependent).
     pub fn nat_on(&mut self, name: &str, outside: SegmentId, mapping: Mapping) -> SegmentId {
         self.net.nat(name, outside, mapping).1
